@@ -1,0 +1,51 @@
+"""Exercise checks: a learner calls ``check_xxx(their_function)`` and reads the verdict.
+
+Each lesson has its own module (``nblib.checks.bigram``, ...). They share the helpers
+here: run the learner's code on tiny inputs, compare with tolerances, and on failure
+say what was expected, what came back, and by how much it is off.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class CheckFailed(AssertionError):
+    """The learner's code ran but gave a wrong answer; the message says where."""
+
+
+def passed(what: str) -> None:
+    print(f"✅ {what}: passed")
+
+
+def expect_close(what: str, got, expected, atol: float = 1e-6, rtol: float = 1e-5) -> None:
+    """Fail with a readable message unless ``got`` is within tolerance of ``expected``.
+
+    Works for numbers, lists and tensors. Never exact float equality: a correct answer
+    computed in another order differs in the last bits.
+    """
+    expected_t = torch.as_tensor(expected, dtype=torch.float64)
+    try:
+        got_t = torch.as_tensor(got.detach() if torch.is_tensor(got) else got, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise CheckFailed(f"{what}: expected a number or tensor like {expected_t.tolist()!r}, got {got!r}") from err
+    if got_t.shape != expected_t.shape:
+        raise CheckFailed(f"{what}: expected shape {tuple(expected_t.shape)}, got shape {tuple(got_t.shape)}")
+    if not torch.isfinite(got_t).all():
+        raise CheckFailed(f"{what}: contains NaN or inf: {got_t}")
+    diff = (got_t - expected_t).abs()
+    bound = atol + rtol * expected_t.abs()
+    if (diff > bound).any():
+        worst = int(torch.argmax(diff - bound))
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), expected_t.shape)) if expected_t.dim() else ()
+        where = f" at index {index}" if index else ""
+        raise CheckFailed(
+            f"{what}: off by {diff.max().item():.3g}{where} "
+            f"(expected {expected_t[index].item() if index else expected_t.item():.6g}, "
+            f"got {got_t[index].item() if index else got_t.item():.6g}; tolerance atol={atol:g}, rtol={rtol:g})"
+        )
+
+
+def expect_equal(what: str, got, expected) -> None:
+    """Fail unless ``got == expected`` (for ints, strings, token lists: exact things)."""
+    if got != expected:
+        raise CheckFailed(f"{what}: expected {expected!r}, got {got!r}")
