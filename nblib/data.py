@@ -37,7 +37,7 @@ REGISTRY: dict[str, DataFile] = {
         "names.txt",
         "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
         "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
-        "32,032 lowercase first names, one per line",
+        "32,033 lowercase first names, one per line",
     ),
     "tinyshakespeare": DataFile(
         "tinyshakespeare.txt",

@@ -9,7 +9,7 @@ BOUNDARY = "."  # marks both the start and the end of a name
 
 
 def load_names() -> list[str]:
-    """The 32,032 names of names.txt, lowercase, in file order."""
+    """The 32,033 names of names.txt, lowercase, in file order."""
     return data.read_text("names").split()
 
 

@@ -1,0 +1,54 @@
+"""Exercise checks accept right answers and explain wrong ones."""
+import pytest
+import torch
+
+from nblib.checks import CheckFailed, expect_close
+from nblib.checks import bigram, start
+
+
+def test_expect_close_passes_within_tolerance():
+    expect_close("x", torch.tensor([1.0, 2.0 + 1e-8]), [1.0, 2.0])
+
+
+def test_expect_close_says_where_and_by_how_much():
+    with pytest.raises(CheckFailed) as err:
+        expect_close("grad of W", torch.tensor([[1.0, 2.0], [3.0, 4.5]]), [[1.0, 2.0], [3.0, 4.0]])
+    message = str(err.value)
+    assert "grad of W" in message and "(1, 1)" in message and "0.5" in message
+
+
+def test_expect_close_reports_shape_and_nan():
+    with pytest.raises(CheckFailed, match="shape"):
+        expect_close("x", torch.zeros(3), [0.0, 0.0])
+    with pytest.raises(CheckFailed, match="NaN"):
+        expect_close("x", torch.tensor([float("nan")]), [0.0])
+
+
+def stable_softmax(x):
+    e = (x - x.max(dim=-1, keepdim=True).values).exp()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def test_softmax_check():
+    start.check_softmax(stable_softmax)
+    with pytest.raises(CheckFailed, match="overflow|nan"):
+        start.check_softmax(lambda x: x.exp() / x.exp().sum(dim=-1, keepdim=True))
+    with pytest.raises(CheckFailed):
+        start.check_softmax(lambda x: x / x.sum(dim=-1, keepdim=True))
+
+
+def test_smoothed_probs_check():
+    bigram.check_smoothed_probs(lambda c, a: (c + a) / (c + a).sum(dim=1, keepdim=True))
+    with pytest.raises(CheckFailed, match="alpha=0.5"):  # ignores alpha
+        bigram.check_smoothed_probs(lambda c, a: (c + 1) / (c + 1).sum(dim=1, keepdim=True))
+    with pytest.raises(CheckFailed):  # normalises columns instead of rows
+        bigram.check_smoothed_probs(lambda c, a: (c + a) / (c + a).sum(dim=0, keepdim=True))
+
+
+def test_trigram_check_against_hand_computed_value():
+    # train ["ab"], alpha 1: vocab {. a b}; trigrams ..a .ab ab.; each context seen once.
+    # P(a|..) = (1+1)/(1+3) = 0.5, likewise P(b|.a) and P(.|ab): NLL = ln 2.
+    import math
+    assert bigram._reference_ngram_nll(["ab"], ["ab"], 3, 1.0) == pytest.approx(math.log(2))
+    with pytest.raises(CheckFailed):
+        bigram.check_trigram_nll(lambda train, ev, alpha: 2.0)
