@@ -1,0 +1,103 @@
+"""Sampling from a language model: temperature, top-k, top-p, seeded (lesson 06).
+
+Works with any model that follows the course contract: ``model.config.block_size`` and
+``model(idx) -> (logits, loss)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``logits`` with every token outside the top-k / top-p set set to -inf.
+
+    - top-k keeps the ``k`` largest logits (ties at the k-th value are all kept).
+    - top-p (nucleus) keeps the smallest set of most likely tokens whose probabilities
+      add up to at least ``p``; the most likely token is always kept, so a tiny ``p``
+      is greedy decoding.
+    Both together: top-k first, then top-p among what is left.
+    """
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        k = min(top_k, logits.size(-1))
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # mass of the tokens strictly more likely than each one: drop a token once
+        # the ones before it already reach top_p (the first token has 0 before it).
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``logits`` [B, vocab] -> LongTensor [B, 1].
+
+    ``temperature`` divides the logits (below 1: sharper, above 1: flatter); 0 means
+    greedy (argmax). ``generator`` makes the draw reproducible independently of the
+    global RNG.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    probs = F.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # a generator draws on its own device: sample there, bring the ids back
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None,
+             start_token: int | None = None) -> torch.Tensor:
+    """Extend ``idx`` [B, T] (or [T]) by ``max_new_tokens`` sampled tokens; returns [B, T + new].
+
+    - The model only ever sees the last ``model.config.block_size`` tokens, so a prompt
+      longer than the context is cropped, not an error (the returned sequence keeps it whole).
+    - An empty prompt (T = 0) starts from ``start_token`` (default: the config's
+      ``bos_token_id`` if it has one, else the last token of the vocabulary, which is
+      GPT-2's ``<|endoftext|>``); the start token is not part of the result.
+    This is the plain O(T^2)-per-token loop; lesson 07 adds a KV cache.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    squeeze = idx.dim() == 1
+    if squeeze:
+        idx = idx[None]
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be [batch, time] or [time], got shape {tuple(idx.shape)}")
+    idx = idx.long()
+    prompt_len = idx.size(1)
+    if prompt_len == 0:
+        if start_token is None:
+            start_token = getattr(model.config, "bos_token_id", None)
+        if start_token is None:
+            start_token = model.config.vocab_size - 1
+        idx = torch.full((idx.size(0), 1), start_token, dtype=torch.long, device=idx.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            context = idx[:, -model.config.block_size:]
+            logits, _ = model(context)
+            next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, next_id.to(idx.device)], dim=1)
+    finally:
+        model.train(was_training)
+    if prompt_len == 0:
+        idx = idx[:, 1:]  # drop the start token
+    return idx[0] if squeeze else idx

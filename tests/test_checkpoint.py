@@ -1,0 +1,99 @@
+"""nblib.checkpoint: safetensors round trips, tied weights, RNG states, config mismatch."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from nblib.checkpoint import ConfigMismatchError, load_checkpoint, load_model, read_metadata, save_checkpoint
+from nblib.gpt import GPT, GPTConfig
+from nblib.train import TrainConfig, configure_optimizer
+
+CFG = GPTConfig(vocab_size=40, block_size=8, n_layer=2, n_head=2, n_embd=16)
+
+
+def trained_a_little(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    opt = configure_optimizer(model, TrainConfig(lr=1e-2))
+    for _ in range(3):
+        idx = torch.randint(0, CFG.vocab_size, (2, 8))
+        opt.zero_grad()
+        model(idx, idx)[1].backward()
+        opt.step()
+    return model, opt
+
+
+def test_round_trip_model_optimizer_step_extra(tmp_path):
+    model, opt = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, opt, step=3, extra={"note": [1, 2]})
+    model2 = GPT(CFG)
+    opt2 = configure_optimizer(model2, TrainConfig(lr=1e-2))
+    meta = load_checkpoint(path, model2, opt2)
+    assert meta["step"] == 3 and meta["extra"] == {"note": [1, 2]}
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    assert model2.lm_head.weight is model2.transformer.wte.weight  # tying survives
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == [{**g, "betas": tuple(g["betas"])} for g in s2["param_groups"]]
+    for i in s1["state"]:
+        for name in s1["state"][i]:
+            torch.testing.assert_close(s1["state"][i][name], s2["state"][i][name], rtol=0, atol=0)
+
+
+def test_tied_weight_stored_once_and_no_pickle(tmp_path):
+    model, _ = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model)
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.transformer.wte.weight" in keys and "model.lm_head.weight" not in keys
+    assert read_metadata(path)["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert path.read_bytes()[:2] != b"\x80\x04"  # not a pickle
+
+
+def test_rng_states_are_restored(tmp_path):
+    model, _ = trained_a_little()
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    path = save_checkpoint(tmp_path / "ck.safetensors", model)
+    want = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    load_checkpoint(path, GPT(CFG))
+    got = (torch.rand(3), random.random(), np.random.rand())
+    torch.testing.assert_close(got[0], want[0])
+    assert abs(got[1] - want[1]) < 1e-12 and abs(got[2] - want[2]) < 1e-12
+
+
+def test_config_mismatch_names_the_fields(tmp_path):
+    model, _ = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model)
+    other = GPT(GPTConfig(vocab_size=40, block_size=8, n_layer=3, n_head=2, n_embd=32))
+    before = other.state_dict()["transformer.wte.weight"].clone()
+    with pytest.raises(ConfigMismatchError) as err:
+        load_checkpoint(path, other)
+    assert "n_layer: checkpoint has 2, model has 3" in str(err.value)
+    assert "n_embd: checkpoint has 16, model has 32" in str(err.value)
+    assert "vocab_size" not in str(err.value)
+    assert torch.equal(other.state_dict()["transformer.wte.weight"], before)  # untouched
+
+
+def test_load_model_rebuilds_from_config(tmp_path):
+    model, _ = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model)
+    again = load_model(path)
+    assert isinstance(again, GPT) and again.config == CFG
+    idx = torch.randint(0, CFG.vocab_size, (1, 8))
+    torch.testing.assert_close(model.eval()(idx)[0], again.eval()(idx)[0], rtol=0, atol=0)
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nope.safetensors", GPT(CFG))
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an nblib checkpoint"):
+        load_checkpoint(tmp_path / "other.safetensors", GPT(CFG))
+    model, _ = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        load_checkpoint(path, GPT(CFG), configure_optimizer(GPT(CFG), TrainConfig()))

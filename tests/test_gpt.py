@@ -1,0 +1,134 @@
+"""nblib.gpt against Hugging Face's GPT2LMHeadModel (randomly initialised, tiny, offline)."""
+import json
+import math
+
+import pytest
+import torch
+
+from nblib.gpt import GPT, GPTConfig, from_hf_dir, hf_config_dict, load_hf_state_dict, save_hf_dir, to_hf_state_dict
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+CFG = GPTConfig(vocab_size=97, block_size=24, n_layer=3, n_head=4, n_embd=32)
+
+
+def hf_model(cfg=CFG, seed=0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(cfg))).eval()
+
+
+def tokens(cfg=CFG, B=3, T=None, seed=1):
+    return torch.randint(0, cfg.vocab_size, (B, T or cfg.block_size), generator=torch.Generator().manual_seed(seed))
+
+
+def test_state_dict_names_are_hugging_faces():
+    ours = GPT(CFG).state_dict()
+    theirs = hf_model().state_dict()
+    assert set(ours) == set(theirs)
+    for k, v in theirs.items():
+        want = v.shape if not k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v.t().shape
+        assert ours[k].shape == want, k
+
+
+def test_hf_to_ours_logits_match():
+    hf = hf_model()
+    ours = load_hf_state_dict(GPT(CFG), hf.state_dict()).eval()
+    idx = tokens()
+    torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_ours_to_hf_logits_and_loss_match():
+    torch.manual_seed(3)
+    ours = GPT(CFG).eval()
+    hf = hf_model(seed=4)
+    hf.load_state_dict(to_hf_state_dict(ours), strict=True)
+    idx = tokens(seed=5)
+    logits, loss = ours(idx, idx)
+    out = hf(idx, labels=idx)  # HF shifts labels inside; compare its loss with ours on shifted targets
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=0)
+    _, shifted = ours(idx[:, :-1], idx[:, 1:])
+    assert math.isclose(shifted.item(), out.loss.item(), abs_tol=1e-5)
+
+
+def test_from_local_save_pretrained_dir(tmp_path):
+    hf = hf_model(seed=7)
+    hf.save_pretrained(tmp_path)
+    ours = from_hf_dir(tmp_path).eval()
+    assert ours.config == CFG
+    idx = tokens(seed=8)
+    torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_hub_style_keys_without_prefix_and_mask_buffers():
+    """The hub's GPT-2 files name keys 'h.0.attn...' and (older ones) carry 'attn.bias' masks."""
+    hf = hf_model(seed=9)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, CFG.block_size, CFG.block_size))
+    ours = load_hf_state_dict(GPT(CFG), state).eval()
+    idx = tokens(seed=10)
+    torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_save_hf_dir_round_trip(tmp_path):
+    torch.manual_seed(11)
+    ours = GPT(CFG).eval()
+    save_hf_dir(ours, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = tokens(seed=12)
+    torch.testing.assert_close(ours(idx)[0], hf(idx).logits, atol=1e-5, rtol=0)
+
+
+def test_strict_loading_names_the_key():
+    state = hf_model().state_dict()
+    missing = {k: v for k, v in state.items() if k != "transformer.h.1.mlp.c_fc.bias"}
+    with pytest.raises(KeyError, match=r"missing keys \['transformer.h.1.mlp.c_fc.bias'\]"):
+        load_hf_state_dict(GPT(CFG), missing)
+    extra = {**state, "transformer.h.9.ln_1.weight": torch.ones(CFG.n_embd)}
+    with pytest.raises(KeyError, match=r"unexpected keys \['transformer.h.9.ln_1.weight'\]"):
+        load_hf_state_dict(GPT(CFG), extra)
+    with pytest.raises(ValueError, match="transformer.wpe.weight: shape"):
+        load_hf_state_dict(GPT(GPTConfig(**{**CFG.__dict__, "block_size": 8})), state)
+
+
+def test_unsupported_hf_config_is_refused(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(ValueError, match="activation_function"):
+        from_hf_dir(tmp_path)
+
+
+def test_weight_tying_and_gpt2_small_size():
+    model = GPT(CFG)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with torch.device("meta"):
+        small = GPT(GPTConfig())
+    assert small.num_params() == 124_439_808  # GPT-2 small, the published count
+    # 6N (N = non-embedding + lm_head) + 12 L d T
+    n = small.num_params(exclude_embeddings=True) + 50257 * 768
+    assert small.flops_per_token() == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_scaled_residual_init():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=100, block_size=16, n_layer=8, n_head=4, n_embd=128)
+    model = GPT(cfg)
+    proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(fc - 0.02) < 0.001
+    assert abs(proj - 0.02 / math.sqrt(2 * cfg.n_layer)) < 0.0005
+
+
+def test_forward_contract_and_long_input():
+    model = GPT(CFG)
+    idx = tokens(B=2, T=5)
+    logits, loss = model(idx)
+    assert logits.shape == (2, 5, CFG.vocab_size) and loss is None
+    _, loss = model(idx, idx)
+    assert loss.dim() == 0
+    targets = tokens(B=2, T=5, seed=99)
+    assert abs(GPT(CFG)(idx, targets)[1].item() - math.log(CFG.vocab_size)) < 0.3  # near-uniform at init
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(B=1, T=CFG.block_size + 1))
