@@ -102,6 +102,10 @@ class Tokenizer:
         if clash:
             raise ValueError(f"special token ids {sorted(clash)} are already ordinary tokens")
 
+    def clear_cache(self) -> None:
+        """Forget the encoded chunks (e.g. to time encoding from a cold start)."""
+        self._cache.clear()
+
     @property
     def n_vocab(self) -> int:
         """Number of ids the tokenizer can produce (ordinary tokens and special tokens)."""
