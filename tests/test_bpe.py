@@ -158,6 +158,12 @@ def test_to_tiktoken_gives_same_ids(small):
     assert enc.encode(ENDOFTEXT, allowed_special="all") == small.encode(ENDOFTEXT, allowed_special="all")
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=60))
+def test_to_tiktoken_same_ids_on_any_text(small, s):
+    assert bpe.to_tiktoken(small).encode_ordinary(s) == small.encode_ordinary(s)
+
+
 def test_to_tiktoken_on_gpt2_merges(gpt2):
     enc = bpe.to_tiktoken(gpt2, "gpt2-again")
     assert enc.encode(VARIED_TEXT) == gpt2_tokenizer().encode(VARIED_TEXT)
