@@ -1,0 +1,191 @@
+"""The lesson 05 checks pass correct answers and fail wrong ones with a useful message.
+
+Correct answers are written here independently of the notebook; each wrong answer is a
+mistake a learner is likely to make (no mask, no scale, the wrong head layout, ...).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nblib.checks import CheckFailed
+from nblib.checks import attention as checks
+
+
+# ---- causal attention ---------------------------------------------------------------
+def attention_by_hand(q, k, v):
+    T = q.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+
+def attention_with_a_loop(q, k, v):
+    """Each position t: a softmax over positions 0..t only. Slow but obviously right."""
+    out = torch.empty(*q.shape[:-1], v.shape[-1])
+    for t in range(q.shape[-2]):
+        scores = (q[..., t : t + 1, :] @ k[..., : t + 1, :].transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        out[..., t, :] = (scores.softmax(-1) @ v[..., : t + 1, :])[..., 0, :]
+    return out
+
+
+@pytest.mark.parametrize("fn", [attention_by_hand, attention_with_a_loop])
+def test_causal_attention_accepts_correct(fn, capsys):
+    checks.check_causal_attention(fn)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_hand_example_matches_sdpa():
+    """The check's hand-computed values agree with PyTorch itself (guards the check)."""
+    q, k = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [1.0]])
+    v = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    got = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+    w1 = 1 / (1 + math.exp(2.0))
+    torch.testing.assert_close(got, torch.tensor([[10.0, 0.0], [10 * w1, 10 * (1 - w1)]]))
+
+
+def no_mask(q, k, v):
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1) @ v
+
+
+def no_scale(q, k, v):
+    T = q.shape[-2]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    return (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def mask_with_zero(q, k, v):
+    """A classic slip: zeroing the future scores instead of setting them to -inf."""
+    T = q.shape[-2]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, 0.0).softmax(-1) @ v
+
+
+def softmax_over_wrong_dim(q, k, v):
+    T = q.shape[-2]
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(scores.softmax(-2)) @ v
+
+
+def only_2d(q, k, v):
+    return attention_by_hand(q, k, v) if q.dim() == 2 else q.sum()
+
+
+@pytest.mark.parametrize("fn, message", [
+    (no_mask, "future token"),
+    (no_scale, "not scaled"),
+    (mask_with_zero, "future token"),
+    (softmax_over_wrong_dim, "hand example"),
+    (only_2d, "expected shape"),
+])
+def test_causal_attention_rejects_wrong(fn, message):
+    with pytest.raises(CheckFailed, match=message):
+        checks.check_causal_attention(fn)
+
+
+def test_crash_becomes_a_clear_failure():
+    def crashes(q, k, v):
+        return q @ v  # shapes do not line up in general
+    with pytest.raises(CheckFailed, match="raised RuntimeError"):
+        checks.check_causal_attention(crashes)
+
+
+def test_not_implemented_passes_through():
+    def stub(q, k, v):
+        raise NotImplementedError("write it")
+    with pytest.raises(NotImplementedError):
+        checks.check_causal_attention(stub)
+
+
+# ---- split and merge heads ----------------------------------------------------------
+def split_heads(x, n_head):
+    B, T, C = x.shape
+    if C % n_head:
+        raise ValueError(f"C={C} is not divisible by n_head={n_head}")
+    return x.reshape(B, T, n_head, C // n_head).permute(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    B, H, T, hs = x.shape
+    return x.permute(0, 2, 1, 3).reshape(B, T, H * hs)
+
+
+def test_split_merge_accepts_correct(capsys):
+    checks.check_split_merge_heads(split_heads, merge_heads)
+    assert "passed" in capsys.readouterr().out
+
+
+def split_interleaved(x, n_head):
+    """Wrong layout: head h gets channels h, h + n_head, ... (a reshape in the wrong order)."""
+    B, T, C = x.shape
+    if C % n_head:
+        raise ValueError("bad size")
+    return x.reshape(B, T, C // n_head, n_head).permute(0, 3, 1, 2)
+
+
+def merge_interleaved(x):
+    B, H, T, hs = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, T, H * hs)
+
+
+def split_by_view_only(x, n_head):
+    """Wrong: a view to (B, n_head, T, hs) without the transpose scrambles tokens and channels."""
+    B, T, C = x.shape
+    if C % n_head:
+        raise ValueError("bad size")
+    return x.reshape(B, n_head, T, C // n_head)
+
+
+def merge_by_view_only(x):
+    B, H, T, hs = x.shape
+    return x.reshape(B, T, H * hs)
+
+
+def split_silently_truncates(x, n_head):
+    B, T, C = x.shape
+    hs = C // n_head
+    return x[..., : hs * n_head].reshape(B, T, n_head, hs).transpose(1, 2)
+
+
+@pytest.mark.parametrize("split, merge, message", [
+    (split_interleaved, merge_interleaved, "split_heads: x\\[b=0, head=1, t=2\\]"),
+    (split_by_view_only, merge_by_view_only, "split_heads"),
+    (split_heads, lambda x: x.sum(1), "expected shape"),  # "merging" by summing the heads
+    (split_silently_truncates, merge_heads, "should raise an error"),
+])
+def test_split_merge_rejects_wrong(split, merge, message):
+    with pytest.raises(CheckFailed, match=message):
+        checks.check_split_merge_heads(split, merge)
+
+
+# ---- layer norm ---------------------------------------------------------------------
+def layer_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def test_layer_norm_accepts_correct(capsys):
+    checks.check_layer_norm(layer_norm)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_layer_norm_reference_agrees_with_torch():
+    x = torch.randn(3, 7, 10)
+    w, b = torch.randn(10), torch.randn(10)
+    torch.testing.assert_close(layer_norm(x, w, b), F.layer_norm(x, (10,), w, b, eps=1e-5), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda x, w, b, eps=1e-5: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True) + eps) * w + b,
+     "unbiased variance"),
+    (lambda x, w, b, eps=1e-5: (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + eps),
+     "with weight and bias"),
+    (lambda x, w, b, eps=1e-5: (x - x.mean(0, keepdim=True)) / torch.sqrt(x.var(0, keepdim=True, unbiased=False) + eps) * w + b,
+     "variance 2/3"),
+])
+def test_layer_norm_rejects_wrong(fn, message):
+    with pytest.raises(CheckFailed, match=message):
+        checks.check_layer_norm(fn)
