@@ -132,3 +132,28 @@ def test_forward_contract_and_long_input():
     assert abs(GPT(CFG)(idx, targets)[1].item() - math.log(CFG.vocab_size)) < 0.3  # near-uniform at init
     with pytest.raises(ValueError, match="block_size"):
         model(tokens(B=1, T=CFG.block_size + 1))
+
+
+def test_lesson_checks_accept_right_and_reject_wrong_answers():
+    from nblib.checks import CheckFailed
+    from nblib.checks import gpt2 as checks
+    from nblib.sample import filter_logits
+    from nblib.train import TrainConfig, lr_at
+
+    def count(cfg):
+        with torch.device("meta"):
+            return GPT(cfg).num_params()
+
+    checks.check_num_params(count)
+    with pytest.raises(CheckFailed, match="tied"):
+        checks.check_num_params(lambda cfg: count(cfg) + cfg.vocab_size * cfg.n_embd)
+    schedule = lambda s, m, w, lr, mn: lr_at(s, TrainConfig(max_steps=m, warmup_steps=w, lr=lr, min_lr=mn))
+    checks.check_lr_schedule(schedule)
+    with pytest.raises(CheckFailed):
+        checks.check_lr_schedule(lambda s, m, w, lr, mn: lr * min(1.0, (s + 1) / max(w, 1)))  # no decay
+    checks.check_top_p(lambda logits, p: filter_logits(logits, top_p=p))
+    with pytest.raises(CheckFailed):  # keeping tokens while the mass *including* them is < p drops one too many
+        checks.check_top_p(lambda logits, p: logits.masked_fill(
+            torch.zeros_like(logits, dtype=torch.bool).scatter(
+                -1, logits.argsort(-1, descending=True),
+                logits.sort(-1, descending=True).values.softmax(-1).cumsum(-1) > p), float("-inf")))

@@ -1,0 +1,68 @@
+"""Checks for lesson 06 (GPT-2): parameter count, learning-rate schedule, top-p filtering."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nblib.checks import CheckFailed, expect_close, expect_equal, passed
+from nblib.gpt import GPT, GPTConfig
+
+CONFIGS = [
+    GPTConfig(),  # GPT-2 small: 124,439,808
+    GPTConfig(n_layer=24, n_head=16, n_embd=1024),  # GPT-2 medium
+    GPTConfig(vocab_size=100, block_size=16, n_layer=3, n_head=2, n_embd=8),
+    GPTConfig(vocab_size=50257, block_size=64, n_layer=4, n_head=4, n_embd=64, bias=False),
+]
+
+
+def check_num_params(gpt2_num_params) -> None:
+    """``gpt2_num_params(config) -> int``: GPT-2's parameter count from its config, by formula."""
+    for cfg in CONFIGS:
+        with torch.device("meta"):  # shapes only, no memory: GPT-2 medium costs nothing
+            want = GPT(cfg).num_params()
+        got = gpt2_num_params(cfg)
+        if not isinstance(got, int):
+            raise CheckFailed(f"gpt2_num_params({cfg}) should return an int, got {type(got).__name__}")
+        if got == want + cfg.vocab_size * cfg.n_embd:
+            raise CheckFailed(f"{cfg}: you counted lm_head separately; it is tied to wte (counted once)")
+        expect_equal(f"gpt2_num_params({cfg})", got, want)
+    passed("GPT-2 parameter count")
+
+
+def _lr_reference(step, max_steps, warmup_steps, lr, min_lr):
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (lr - min_lr)
+
+
+def check_lr_schedule(lr_schedule) -> None:
+    """``lr_schedule(step, max_steps, warmup_steps, lr, min_lr) -> float``: warmup, then cosine."""
+    cases = [(s, 100, 10, 6e-4, 6e-5) for s in (0, 4, 9, 10, 30, 55, 99, 100, 150)]
+    cases += [(s, 20, 0, 1.0, 0.0) for s in (0, 5, 10, 20)]
+    for args in cases:
+        expect_close(f"lr_schedule{args}", float(lr_schedule(*args)), _lr_reference(*args), atol=1e-12, rtol=1e-6)
+    passed("warmup + cosine learning-rate schedule")
+
+
+def check_top_p(top_p_filter) -> None:
+    """``top_p_filter(logits [B, V], p) -> logits`` with tokens outside the nucleus set to -inf."""
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.1, 0.2, 0.3, 0.4]])
+    logits = probs.log()
+    # hand-worked nuclei: the smallest set of most likely tokens with mass >= p
+    # (no p sits exactly on a cumulative sum, where float rounding would decide)
+    cases = {0.45: [[1, 0, 0, 0], [0, 0, 1, 1]], 0.6: [[1, 0, 1, 0], [0, 0, 1, 1]],
+             0.75: [[1, 0, 1, 0], [0, 1, 1, 1]], 0.81: [[1, 0, 1, 1], [0, 1, 1, 1]],
+             1e-9: [[1, 0, 0, 0], [0, 0, 0, 1]], 1.0: [[1, 1, 1, 1], [1, 1, 1, 1]]}
+    for p, keep in cases.items():
+        out = top_p_filter(logits.clone(), p)
+        if not torch.is_tensor(out) or out.shape != logits.shape:
+            raise CheckFailed(f"top_p_filter(logits, {p}) should return a tensor of shape {tuple(logits.shape)}")
+        got = out.isfinite().int().tolist()
+        if got != keep:
+            raise CheckFailed(f"top_p_filter with p={p}: kept {got} (1 = kept), expected {keep} for "
+                              f"probabilities {probs.tolist()}")
+        kept = torch.tensor(keep).bool()
+        expect_close(f"top_p_filter(p={p}) kept logits", out[kept], logits[kept], atol=1e-6)
+    passed("top-p (nucleus) filtering")
