@@ -332,7 +332,7 @@ class Llama(nn.Module):
 def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, use_cache: bool = True,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Continue ``idx`` [B, T] by ``max_new_tokens`` tokens; returns [B, T + max_new_tokens].
+    """Continue ``idx`` [B, T] (or [T]) by ``max_new_tokens`` tokens; returns [B, T + max_new_tokens].
 
     Without the cache this is lesson 06's ``nblib.sample.generate``: every step runs the
     whole sequence again. With it: one *prefill* pass over the prompt fills the cache,
@@ -344,9 +344,13 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, use_cache: bo
     if not use_cache:
         return sample.generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, generator=generator)
-    total = idx.shape[1] + max_new_tokens
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if idx.dim() == 1:  # one sequence [T], as nblib.sample.generate accepts
+        return generate(model, idx[None], max_new_tokens, True, temperature, top_k, top_p, generator)[0]
     if idx.shape[1] == 0:
         raise ValueError("generate with a cache needs a prompt of at least one token")
+    total = idx.shape[1] + max_new_tokens
     if total > model.config.block_size:
         raise ValueError(f"prompt ({idx.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens is "
                          f"more than block_size={model.config.block_size}, the longest the cache holds")

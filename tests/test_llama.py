@@ -274,3 +274,13 @@ def test_checks_accept_the_reference_and_reject_mistakes():
     checks.check_kv_cache_bytes(llama.kv_cache_bytes_per_token)
     with pytest.raises(CheckFailed):  # forgot the values
         checks.check_kv_cache_bytes(lambda L, h, d, b: L * h * d * b)
+
+
+def test_generate_accepts_one_sequence_and_rejects_negative_lengths():
+    torch.manual_seed(0)
+    model = llama.Llama(tiny_config())
+    prompt = torch.randint(0, 37, (6,))
+    out = llama.generate(model, prompt, 5, temperature=0)
+    assert out.shape == (11,) and torch.equal(out, llama.generate(model, prompt, 5, use_cache=False, temperature=0))
+    with pytest.raises(ValueError, match=">= 0"):
+        llama.generate(model, prompt[None], -1)
