@@ -204,6 +204,8 @@ def train(model: nn.Module, train_data: torch.Tensor | None, val_data: torch.Ten
     if resume and ckpt.is_file():
         meta = checkpoint.load_checkpoint(ckpt, model, optimizer)
         saved = meta["extra"].get("train_config")
+        if saved is None:
+            raise ValueError(f"{ckpt} was not written by nblib.train.train (no training state to resume)")
         if saved != _train_config_dict(cfg):
             diff = {k: (saved.get(k), v) for k, v in _train_config_dict(cfg).items() if saved.get(k) != v}
             raise ValueError(f"resuming with another TrainConfig changes the run; (checkpoint, now): {diff}")
