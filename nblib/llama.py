@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nblib import sample  # lesson 06's sampler: the generators here choose tokens with it
+
 POS_EMBS = ("rope", "learned")
 NORMS = ("rms", "layer")
 MLPS = ("swiglu", "gelu")
@@ -339,8 +341,6 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, use_cache: bo
     then each *decode* step runs the model on the one newest token. Both choose tokens
     with ``nblib.sample.sample_next_token`` (temperature 0 is greedy).
     """
-    from nblib import sample  # lesson 06's sampler
-
     if not use_cache:
         return sample.generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, generator=generator)
@@ -358,15 +358,17 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, use_cache: bo
     model.eval()
     param = next(model.parameters())
     cache = KVCache(model.config, idx.shape[0], max_len=total, device=idx.device, dtype=param.dtype)
-    logits, _ = model(idx, cache=cache)  # prefill: the whole prompt at once
     out = [idx]
-    for step in range(max_new_tokens):
-        nxt = sample.sample_next_token(logits[:, -1, :], temperature=temperature, top_k=top_k,
-                                       top_p=top_p, generator=generator)
-        out.append(nxt)
-        if step + 1 < max_new_tokens:
-            logits, _ = model(nxt, cache=cache)  # decode: one token, attending to the cache
-    model.train(was_training)
+    try:
+        logits, _ = model(idx, cache=cache)  # prefill: the whole prompt at once
+        for step in range(max_new_tokens):
+            nxt = sample.sample_next_token(logits[:, -1, :], temperature=temperature, top_k=top_k,
+                                           top_p=top_p, generator=generator)
+            out.append(nxt.to(idx.device))
+            if step + 1 < max_new_tokens:
+                logits, _ = model(nxt, cache=cache)  # decode: one token, attending to the cache
+    finally:
+        model.train(was_training)
     return torch.cat(out, dim=1)
 
 
