@@ -4,10 +4,18 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 
 - ``runmode``: FAST/full switch, device, seeding (``nblib.setup`` is the config cell's call)
 - ``data``: data sets by name, checked against sha256, cached, offline-capable
-- ``names``: the names data set with the course's fixed train/dev/test split
-- ``tokenizers``: the real GPT-2 tokenizer, offline
 - ``progress``: progress bars
-- ``checks``: exercise checks a learner runs on their own code
+- ``names``: the names data set with the course's fixed train/dev/test split (01, 03)
+- ``autograd``: the scalar ``Value`` engine (02)
+- ``bpe``: byte-level BPE from scratch: train, encode, decode, GPT-2's merges (04)
+- ``tokenizers``: the real GPT-2 tokenizer, offline
+- ``text``: characters as tokens, train/val split, random batches (05 on)
+- ``gpt``: GPT-2 with Hugging Face's parameter names (06)
+- ``train``: the training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, resume (06 on)
+- ``checkpoint``: safetensors checkpoints with their config (06 on)
+- ``sample``: temperature, top-k, top-p sampling (06 on)
+- ``llama``: the Llama-style model: RMSNorm, RoPE, SwiGLU, GQA, KV cache, export (07)
+- ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
 from nblib.runmode import is_fast, pick_device, seed_everything, setup
 

@@ -68,10 +68,17 @@ def describe(device: torch.device) -> str:
 def setup(seed: int = 1337, device: str | None = None, quiet: bool = False) -> tuple[bool, torch.device]:
     """The config cell's one call: seed everything, pick the device, report the mode.
 
+    In FAST mode on the CPU it also runs torch on one thread (see the comment below).
+
     Returns ``(FAST, device)``.
     """
     seed_everything(seed)
     dev = pick_device(device)
+    if is_fast() and dev.type == "cpu":
+        # FAST models are tiny: a second thread only adds synchronisation, and on a busy
+        # machine far more (lessons 05-07 measured 10-25x slower with 2 threads under load).
+        # One thread keeps FAST timings stable; full mode keeps torch's default.
+        torch.set_num_threads(1)
     if not quiet:
         print(describe(dev))
     return is_fast(), dev
