@@ -3,7 +3,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from nblib.autograd import Value, topological_order
 from nblib.checks import CheckFailed

@@ -20,7 +20,6 @@ def label_smoothing_backward(logits, targets, smoothing):
 
 
 def layernorm_backward(dout, x, gamma, eps, unbiased=False):
-    d = x.shape[1]
     mean = x.mean(1, keepdim=True)
     var = x.var(1, keepdim=True, unbiased=unbiased)
     xhat = (x - mean) / (var + eps).sqrt()

@@ -52,3 +52,15 @@ def test_trigram_check_against_hand_computed_value():
     assert bigram._reference_ngram_nll(["ab"], ["ab"], 3, 1.0) == pytest.approx(math.log(2))
     with pytest.raises(CheckFailed):
         bigram.check_trigram_nll(lambda train, ev, alpha: 2.0)
+
+
+def test_call_learner_turns_crashes_into_failed_checks():
+    from nblib.checks import call_learner
+
+    assert call_learner("double", lambda x: 2 * x, 3) == 6
+    with pytest.raises(CheckFailed, match=r"raised ZeroDivisionError.*inputs: \(2, 3\)"):
+        call_learner("inverse", lambda x: 1 / 0, torch.zeros(2, 3))
+    with pytest.raises(CheckFailed, match="return"):
+        call_learner("forgot", lambda x: None, 1)
+    with pytest.raises(NotImplementedError):  # an unsolved exercise is not a wrong answer
+        call_learner("stub", lambda x: (_ for _ in ()).throw(NotImplementedError("hint")), 1)

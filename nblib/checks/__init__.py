@@ -6,11 +6,31 @@ say what was expected, what came back, and by how much it is off.
 """
 from __future__ import annotations
 
+import reprlib
+
 import torch
 
 
 class CheckFailed(AssertionError):
     """The learner's code ran but gave a wrong answer; the message says where."""
+
+
+def call_learner(what: str, fn, *args):
+    """Run the learner's function on ``args``.
+
+    ``NotImplementedError`` (an exercise not yet done) passes through unchanged; any other
+    crash, or a missing ``return``, becomes a ``CheckFailed`` that names the inputs.
+    """
+    try:
+        result = fn(*args)
+    except NotImplementedError:
+        raise
+    except Exception as err:  # noqa: BLE001 (any crash is the learner's to see, with its type)
+        inputs = ", ".join(str(tuple(a.shape)) if torch.is_tensor(a) else reprlib.repr(a) for a in args)
+        raise CheckFailed(f"{what}: your function raised {type(err).__name__}: {err} (inputs: {inputs})") from err
+    if result is None:
+        raise CheckFailed(f"{what} returned None: is a `return` missing?")
+    return result
 
 
 def passed(what: str) -> None:

@@ -12,18 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nblib.checks import CheckFailed, expect_close, passed
-
-
-def _call(what: str, fn, *args):
-    """Run the learner's function; turn a crash into a message that says where it happened."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as err:  # noqa: BLE001 (any crash is the learner's to see, with its type)
-        shapes = ", ".join(str(tuple(a.shape)) if torch.is_tensor(a) else repr(a) for a in args)
-        raise CheckFailed(f"{what}: your function raised {type(err).__name__}: {err} (inputs: {shapes})") from err
+from nblib.checks import CheckFailed, call_learner, expect_close, passed
 
 
 def _expect_tensor(what: str, got, shape: tuple[int, ...]) -> None:
@@ -45,7 +34,7 @@ def check_causal_attention(causal_attention) -> None:
     v = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
     w1 = 1 / (1 + math.exp(2.0))  # weight on v[0] for position 1: e^0 / (e^0 + e^2)
     expected = [[10.0, 0.0], [10.0 * w1, 10.0 * (1 - w1)]]
-    got = _call("causal_attention on the hand example", causal_attention, q, k, v)
+    got = call_learner("causal_attention on the hand example", causal_attention, q, k, v)
     _expect_tensor("causal_attention on the hand example", got, (2, 2))
     if abs(float(got[0, 1])) > 1e-4:
         raise CheckFailed("causal_attention: position 0 attends to position 1 (a future token). "
@@ -56,7 +45,7 @@ def check_causal_attention(causal_attention) -> None:
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(3, 4, generator=g) * 3 for _ in range(3))
     reference = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
-    got = _call("causal_attention", causal_attention, q, k, v)
+    got = call_learner("causal_attention", causal_attention, q, k, v)
     _expect_tensor("causal_attention with d=4", got, (3, 4))
     unscaled = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=1.0)[0]
     if torch.allclose(got, unscaled, atol=1e-5) and not torch.allclose(got, reference, atol=1e-5):
@@ -69,13 +58,13 @@ def check_causal_attention(causal_attention) -> None:
     k = torch.randn(2, 3, 7, 8, generator=g)
     v = torch.randn(2, 3, 7, 5, generator=g)
     reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    got = _call("causal_attention", causal_attention, q, k, v)
+    got = call_learner("causal_attention", causal_attention, q, k, v)
     _expect_tensor("causal_attention with (B=2, heads=3, T=7) inputs", got, (2, 3, 7, 5))
     expect_close("causal_attention with (B=2, heads=3, T=7) vs F.scaled_dot_product_attention",
                  got, reference, atol=1e-5, rtol=1e-4)
 
     # 4. Large scores must not overflow: softmax is shift-invariant, so a correct one is stable.
-    got = _call("causal_attention", causal_attention, q * 100, k * 100, v)
+    got = call_learner("causal_attention", causal_attention, q * 100, k * 100, v)
     expect_close("causal_attention with very large scores (is your softmax stable?)",
                  got, F.scaled_dot_product_attention(q * 100, k * 100, v, is_causal=True), atol=1e-4, rtol=1e-4)
     passed("causal attention, one head (hand example, scale, batches, large scores)")
@@ -86,12 +75,12 @@ def check_split_merge_heads(split_heads, merge_heads) -> None:
     channels ``h*hs:(h+1)*hs``; ``merge_heads`` is its inverse."""
     # A hand example where every channel's value is its own index, so we can read where it went.
     x = torch.arange(2 * 3 * 6, dtype=torch.float32).view(2, 3, 6)  # B=2, T=3, C=6
-    got = _call("split_heads", split_heads, x, 2)
+    got = call_learner("split_heads", split_heads, x, 2)
     _expect_tensor("split_heads((2, 3, 6), n_head=2)", got, (2, 2, 3, 3))
     # Batch 0, head 1, time 2 holds channels 3, 4, 5 of token 2: values 2*6 + 3.. = 15, 16, 17.
     expect_close("split_heads: x[b=0, head=1, t=2] (channels 3..5 of token 2)", got[0, 1, 2], [15.0, 16.0, 17.0])
     expect_close("split_heads: x[b=1, head=0, t=0] (channels 0..2 of token 0, batch 1)", got[1, 0, 0], [18.0, 19.0, 20.0])
-    back = _call("merge_heads", merge_heads, got)
+    back = call_learner("merge_heads", merge_heads, got)
     _expect_tensor("merge_heads(split_heads(x))", back, (2, 3, 6))
     expect_close("merge_heads(split_heads(x)) == x", back, x)
 
@@ -100,15 +89,15 @@ def check_split_merge_heads(split_heads, merge_heads) -> None:
     x = torch.randn(3, 5, 12, generator=g)
     for n_head in (1, 3, 4):
         reference = x.view(3, 5, n_head, 12 // n_head).transpose(1, 2)
-        got = _call("split_heads", split_heads, x, n_head)
+        got = call_learner("split_heads", split_heads, x, n_head)
         _expect_tensor(f"split_heads((3, 5, 12), n_head={n_head})", got, tuple(reference.shape))
         expect_close(f"split_heads with n_head={n_head}", got, reference)
-        expect_close(f"merge_heads(split_heads(x, {n_head})) == x", _call("merge_heads", merge_heads, got), x)
+        expect_close(f"merge_heads(split_heads(x, {n_head})) == x", call_learner("merge_heads", merge_heads, got), x)
 
     # Together with attention they must make multi-head causal attention.
     q, k, v = (torch.randn(2, 6, 8, generator=g) for _ in range(3))
-    heads = [_call("split_heads", split_heads, t, 2) for t in (q, k, v)]
-    y = _call("merge_heads", merge_heads, F.scaled_dot_product_attention(*heads, is_causal=True))
+    heads = [call_learner("split_heads", split_heads, t, 2) for t in (q, k, v)]
+    y = call_learner("merge_heads", merge_heads, F.scaled_dot_product_attention(*heads, is_causal=True))
     expected = torch.cat([F.scaled_dot_product_attention(q[..., s], k[..., s], v[..., s], is_causal=True)
                           for s in (slice(0, 4), slice(4, 8))], dim=-1)
     expect_close("two heads via split/merge vs two separate attention calls concatenated", y, expected,
@@ -130,7 +119,7 @@ def check_layer_norm(layer_norm) -> None:
     x = torch.tensor([[1.0, 2.0, 3.0]])
     ones, zeros = torch.ones(3), torch.zeros(3)
     s = 1 / math.sqrt(2 / 3 + 1e-5)
-    got = _call("layer_norm", layer_norm, x, ones, zeros)
+    got = call_learner("layer_norm", layer_norm, x, ones, zeros)
     _expect_tensor("layer_norm on [[1, 2, 3]]", got, (1, 3))
     unbiased = (x - 2) / math.sqrt(1.0 + 1e-5)
     if torch.allclose(got, unbiased, atol=1e-4):
@@ -141,7 +130,7 @@ def check_layer_norm(layer_norm) -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 5, 16, generator=g) * 3 + 1
     weight, bias = torch.randn(16, generator=g), torch.randn(16, generator=g)
-    got = _call("layer_norm", layer_norm, x, weight, bias)
+    got = call_learner("layer_norm", layer_norm, x, weight, bias)
     _expect_tensor("layer_norm on (4, 5, 16)", got, (4, 5, 16))
     expect_close("layer_norm vs F.layer_norm (with weight and bias)", got,
                  F.layer_norm(x, (16,), weight, bias, eps=1e-5), atol=1e-5, rtol=1e-4)

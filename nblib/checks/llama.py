@@ -4,17 +4,7 @@ from __future__ import annotations
 import torch
 
 from nblib import llama
-from nblib.checks import CheckFailed, expect_close, expect_equal, passed
-
-
-def _call(what: str, fn, *args):
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as err:  # the learner's code crashed: say on what input
-        shapes = [tuple(a.shape) if torch.is_tensor(a) else a for a in args]
-        raise CheckFailed(f"{what}: raised {type(err).__name__}: {err} (inputs: {shapes})") from err
+from nblib.checks import call_learner, expect_close, expect_equal, passed
 
 
 def check_rms_norm(rms_norm) -> None:
@@ -27,7 +17,7 @@ def check_rms_norm(rms_norm) -> None:
         with torch.no_grad():
             ref.weight.copy_(weight)
             expected = ref(x)
-        got = _call("rms_norm", rms_norm, x, weight, eps)
+        got = call_learner("rms_norm", rms_norm, x, weight, eps)
         expect_close(f"rms_norm on shape {shape} with eps={eps}", got, expected, atol=1e-5, rtol=1e-5)
     passed("rms_norm")
 
@@ -39,7 +29,7 @@ def check_apply_rope(apply_rope) -> None:
         T, d = shape[-2], shape[-1]
         x = torch.randn(shape, generator=g)
         cos, sin = llama.rope_tables(d, T, theta)
-        got = _call("apply_rope", apply_rope, x, cos, sin)
+        got = call_learner("apply_rope", apply_rope, x, cos, sin)
         expect_close(f"apply_rope on shape {shape}", got, llama.apply_rope(x, cos, sin), atol=1e-5, rtol=1e-5)
         # a rotation keeps lengths: a quick hint when the formula is almost right
         expect_close(f"apply_rope keeps each vector's length (shape {shape})", torch.as_tensor(got).norm(dim=-1),
@@ -53,7 +43,7 @@ def check_repeat_kv(repeat_kv) -> None:
     g = torch.Generator().manual_seed(3)
     for shape, n_rep in (((1, 2, 3, 4), 2), ((2, 1, 5, 2), 4), ((1, 3, 2, 2), 1)):
         x = torch.randn(shape, generator=g)
-        got = _call("repeat_kv", repeat_kv, x, n_rep)
+        got = call_learner("repeat_kv", repeat_kv, x, n_rep)
         expect_close(f"repeat_kv(x of shape {shape}, n_rep={n_rep})", got, llama.repeat_kv(x, n_rep), atol=0, rtol=0)
     passed("repeat_kv")
 
@@ -62,7 +52,7 @@ def check_kv_cache_bytes(kv_cache_bytes_per_token) -> None:
     """``kv_cache_bytes_per_token(n_layer, n_kv_heads, head_dim, bytes_per_value)``."""
     cases = ((1, 1, 1, 1), (2, 4, 8, 2), (32, 8, 128, 2), (32, 32, 128, 2), (12, 12, 64, 4))
     for args in cases:
-        got = _call("kv_cache_bytes_per_token", kv_cache_bytes_per_token, *args)
+        got = call_learner("kv_cache_bytes_per_token", kv_cache_bytes_per_token, *args)
         expect_equal(f"kv_cache_bytes_per_token{args}", got, llama.kv_cache_bytes_per_token(*args))
     # and the formula agrees with a real cache's tensors
     config = llama.LlamaConfig(vocab_size=8, block_size=10, n_layer=3, n_head=4, n_kv_heads=2, n_embd=16)
