@@ -15,6 +15,7 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``checkpoint``: safetensors checkpoints with their config (06 on)
 - ``sample``: temperature, top-k, top-p sampling (06 on)
 - ``llama``: the Llama-style model: RMSNorm, RoPE, SwiGLU, GQA, KV cache, export (07)
+- ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
 from nblib.runmode import is_fast, pick_device, seed_everything, setup

@@ -20,7 +20,6 @@ The model follows the course's contract: ``model.config`` is a dataclass and
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from nblib.hf_dir import read_hf_config, read_hf_weights, write_hf_dir
 
 
 @dataclass
@@ -279,31 +280,13 @@ def from_hf_dir(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     Such a folder comes from ``GPT2LMHeadModel.save_pretrained(path)`` or from
     downloading ``openai-community/gpt2`` from the hub when you have a network.
     """
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face model folder")
-    config = config_from_hf(json.loads(config_file.read_text()))
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        state = load_file(str(path / "model.safetensors"))
-    elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path} "
-                                "(sharded checkpoints are not supported)")
-    return load_hf_state_dict(GPT(config), state).to(device)
+    model = GPT(config_from_hf(read_hf_config(path)))
+    return load_hf_state_dict(model, read_hf_weights(path)).to(device)
 
 
 def save_hf_dir(model: GPT, path: str | Path) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 folder that ``GPT2LMHeadModel.from_pretrained`` reads."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = to_hf_state_dict(model)
     state.pop("lm_head.weight")  # tied to wte; HF re-ties it on load
-    save_file({k: v.cpu() for k, v in state.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(hf_config_dict(model.config), indent=2))
-    return path
+    return write_hf_dir(path, hf_config_dict(model.config), state)
 

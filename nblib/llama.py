@@ -28,7 +28,6 @@ switched (and tied embeddings) the model *is* lesson 06's ``nblib.gpt.GPT`` with
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nblib.hf_dir import read_hf_config, read_hf_weights, write_hf_dir
 from nblib import sample  # lesson 06's sampler: the generators here choose tokens with it
 
 POS_EMBS = ("rope", "learned")
@@ -482,27 +482,13 @@ def save_hf(model: Llama, directory: str | Path) -> Path:
     No ``transformers`` needed: the format is a JSON file and a safetensors file whose
     tensor names are the module names, which we chose to be Hugging Face's.
     """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = hf_config_dict(model.config)
-    state = {k: v.detach().cpu().float().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.float() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")  # safetensors stores a tensor once; HF re-ties it
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    return directory
+    return write_hf_dir(directory, hf_config_dict(model.config), state)
 
 
 def load_hf(directory: str | Path) -> Llama:
     """Read a Hugging Face Llama directory (``config.json`` + ``model.safetensors``) into our model."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for name in ("config.json", "model.safetensors"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} not found: a Hugging Face model directory needs "
-                                    "config.json and model.safetensors (sharded checkpoints are not supported)")
-    config = config_from_hf(json.loads((directory / "config.json").read_text()))
-    return _load_weights(Llama(config), load_file(str(directory / "model.safetensors")))
+    model = Llama(config_from_hf(read_hf_config(directory)))
+    return _load_weights(model, read_hf_weights(directory))

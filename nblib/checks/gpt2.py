@@ -1,12 +1,11 @@
 """Checks for lesson 06 (GPT-2): parameter count, learning-rate schedule, top-p filtering."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from nblib.checks import CheckFailed, expect_close, expect_equal, passed
 from nblib.gpt import GPT, GPTConfig
+from nblib.train import TrainConfig, lr_at
 
 CONFIGS = [
     GPTConfig(),  # GPT-2 small: 124,439,808
@@ -31,10 +30,8 @@ def check_num_params(gpt2_num_params) -> None:
 
 
 def _lr_reference(step, max_steps, warmup_steps, lr, min_lr):
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    t = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (lr - min_lr)
+    """nblib.train's schedule, the one the course trains with."""
+    return lr_at(step, TrainConfig(max_steps=max_steps, warmup_steps=warmup_steps, lr=lr, min_lr=min_lr))
 
 
 def check_lr_schedule(lr_schedule) -> None:
