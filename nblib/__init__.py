@@ -5,6 +5,7 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``runmode``: FAST/full switch, device, seeding (``nblib.setup`` is the config cell's call)
 - ``data``: data sets by name, checked against sha256, cached, offline-capable
 - ``progress``: progress bars
+- ``record``: headline numbers, printed and recorded for the lessons' report
 - ``names``: the names data set with the course's fixed train/dev/test split (01, 03)
 - ``autograd``: the scalar ``Value`` engine (02)
 - ``bpe``: byte-level BPE from scratch: train, encode, decode, GPT-2's merges (04)
@@ -18,7 +19,8 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
+from nblib.record import headline
 from nblib.runmode import is_fast, pick_device, seed_everything, setup
 
 __version__ = "0.1.0"
-__all__ = ["setup", "is_fast", "pick_device", "seed_everything", "__version__"]
+__all__ = ["setup", "headline", "is_fast", "pick_device", "seed_everything", "__version__"]
