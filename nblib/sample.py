@@ -15,7 +15,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     - top-k keeps the ``k`` largest logits (ties at the k-th value are all kept).
     - top-p (nucleus) keeps the smallest set of most likely tokens whose probabilities
       add up to at least ``p``; the most likely token is always kept, so a tiny ``p``
-      is greedy decoding.
+      is greedy decoding, and ``p = 1`` keeps every token (an exact no-op).
     Both together: top-k first, then top-p among what is left.
     """
     if top_k is not None:
@@ -27,12 +27,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     if top_p is not None:
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = F.softmax(sorted_logits, dim=-1)
-        # mass of the tokens strictly more likely than each one: drop a token once
-        # the ones before it already reach top_p (the first token has 0 before it).
-        mass_before = torch.cumsum(probs, dim=-1) - probs
-        drop_sorted = mass_before >= top_p
+        if top_p == 1.0:
+            return logits  # the nucleus is the whole vocabulary
+        # Sort ascending and sum from the least likely token up: a token is dropped when it
+        # and everything less likely hold at most 1 - p of the mass. (Equivalent to "the
+        # tokens before it in descending order already reach p", but a float32 running sum
+        # from the top reaches 1.0 thousands of tokens early on a 50k vocabulary; summing
+        # the small ones first keeps the tail exact. It is also how transformers does it.)
+        sorted_logits, order = torch.sort(logits, dim=-1)
+        tail_mass = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = tail_mass <= 1 - top_p
+        drop_sorted[..., -1] = False  # the most likely token always stays
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

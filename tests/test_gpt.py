@@ -157,3 +157,24 @@ def test_lesson_checks_accept_right_and_reject_wrong_answers():
             torch.zeros_like(logits, dtype=torch.bool).scatter(
                 -1, logits.argsort(-1, descending=True),
                 logits.sort(-1, descending=True).values.softmax(-1).cumsum(-1) > p), float("-inf")))
+
+
+def top_p_from_the_top(logits, p):
+    """Right in exact arithmetic: drop a token once the mass before it (descending) reaches p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    drop = (probs.cumsum(dim=-1) - probs) >= p
+    return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+
+
+def test_top_p_check_catches_a_float32_running_sum_at_p_one():
+    from nblib.checks import CheckFailed
+    from nblib.checks import gpt2 as checks
+
+    # on 4 tokens it is right, on 50,257 its float32 sum reaches 1.0 early and drops the tail at p=1
+    with pytest.raises(CheckFailed, match=r"p=1.0 on a 50,257-token vocabulary dropped [\d,]+ tokens"):
+        checks.check_top_p(top_p_from_the_top)
+    # the same idea with p=1 handled passes: float32 rounding elsewhere is tolerated
+    checks.check_top_p(lambda logits, p: logits if p >= 1 else top_p_from_the_top(logits, p))
+    with pytest.raises(CheckFailed, match="p=0.5 on a 50,257-token vocabulary: dropped 0 .* kept [1-9]"):
+        checks.check_top_p(lambda logits, p: logits if p >= 1 else top_p_from_the_top(logits, p + 0.01))

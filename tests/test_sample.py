@@ -105,3 +105,26 @@ def test_bad_arguments_are_clear_errors():
         sample_next_token(logits, top_p=0.0)
     with pytest.raises(ValueError, match="batch, vocab"):
         sample_next_token(torch.zeros(5))
+
+
+def gpt2_sized_logits(seed, scale=3.0, rows=4):
+    """Logits like a real model's: GPT-2's 50,257 tokens, spread ~N(0, scale^2)."""
+    return torch.randn(rows, 50257, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def test_top_p_one_is_an_exact_no_op_on_a_large_vocabulary():
+    # a float32 running sum over 50,257 probabilities reaches 1.0 thousands of tokens early
+    logits = gpt2_sized_logits(0)
+    assert torch.equal(filter_logits(logits, top_p=1.0), logits)
+    assert torch.equal(filter_logits(logits, top_k=100, top_p=1.0), filter_logits(logits, top_k=100))
+
+
+@pytest.mark.parametrize("seed, scale", [(0, 3.0), (1, 3.0), (2, 3.0), (3, 1.0), (4, 10.0)])
+def test_top_p_keeps_the_same_tokens_as_transformers(seed, scale):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = gpt2_sized_logits(seed, scale)
+    for p in (1e-6, 0.05, 0.5, 0.9, 0.95, 0.99, 0.999, 0.99999):
+        want = TopPLogitsWarper(p)(None, logits.clone()).isfinite()
+        got = filter_logits(logits, top_p=p).isfinite()
+        assert torch.equal(got, want), f"p={p}: {(got != want).sum().item()} tokens differ from transformers"
