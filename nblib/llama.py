@@ -346,6 +346,7 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, use_cache: bo
                                top_p=top_p, generator=generator)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    sample.check_temperature(temperature)  # before the prefill pass, not after it
     if idx.dim() == 1:  # one sequence [T], as nblib.sample.generate accepts
         return generate(model, idx[None], max_new_tokens, True, temperature, top_k, top_p, generator)[0]
     if idx.shape[1] == 0:

@@ -5,6 +5,8 @@ Works with any model that follows the course contract: ``model.config.block_size
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -43,6 +45,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def check_temperature(temperature: float) -> None:
+    """Refuse a temperature that is not a finite number >= 0 (NaN would fail deep inside
+    torch, and inf would quietly turn every distribution uniform)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy, 1 samples the model's "
+                         f"own probabilities), got {temperature}")
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of ``logits`` [B, vocab] -> LongTensor [B, 1].
@@ -53,8 +63,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
@@ -80,6 +89,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float =
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_temperature(temperature)  # now, not after a first forward pass
     squeeze = idx.dim() == 1
     if squeeze:
         idx = idx[None]

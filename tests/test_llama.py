@@ -284,3 +284,11 @@ def test_generate_accepts_one_sequence_and_rejects_negative_lengths():
     assert out.shape == (11,) and torch.equal(out, llama.generate(model, prompt, 5, use_cache=False, temperature=0))
     with pytest.raises(ValueError, match=">= 0"):
         llama.generate(model, prompt[None], -1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_rejects_a_temperature_that_is_not_a_finite_number(use_cache):
+    model = llama.Llama(tiny_config())
+    for temperature in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            llama.generate(model, torch.zeros(1, 3, dtype=torch.long), 2, use_cache=use_cache, temperature=temperature)

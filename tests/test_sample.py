@@ -128,3 +128,12 @@ def test_top_p_keeps_the_same_tokens_as_transformers(seed, scale):
         want = TopPLogitsWarper(p)(None, logits.clone()).isfinite()
         got = filter_logits(logits, top_p=p).isfinite()
         assert torch.equal(got, want), f"p={p}: {(got != want).sum().item()} tokens differ from transformers"
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), float("-inf")])
+def test_temperature_nan_or_inf_is_a_clear_error(model, temperature):
+    # NaN used to fail deep inside torch.multinomial; inf silently sampled uniformly
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        sample_next_token(torch.zeros(1, 5), temperature=temperature)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        generate(model, prompt(), 3, temperature=temperature)
