@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from nblib.hf_dir import why_unreadable
 
 FORMAT = "nblib-checkpoint-1"
 
@@ -130,10 +132,17 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:  # checks the header against the file's size
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        expected = "a course checkpoint (nblib.checkpoint.save_checkpoint writes those)"
+        raise ValueError(f"{path} {why_unreadable(path, err, expected)}") from err
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an nblib checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+        hint = (" It looks like a Hugging Face model.safetensors: load its folder with nblib.gpt.from_hf_dir "
+                "or nblib.llama.load_hf." if meta.get("format") == "pt" else "")
+        raise ValueError(f"{path} is a safetensors file but not a course checkpoint: its metadata has format "
+                         f"{meta.get('format')!r}, not {FORMAT!r} (written by nblib.checkpoint.save_checkpoint).{hint}")
     out = dict(meta)
     for key in ("config", "aliases", "extra", "optimizer", "rng"):
         if key in out:

@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+MAX_HEADER = 100_000_000  # safetensors refuses longer headers; a bigger "length" is not one
 
 
 def write_hf_dir(directory: str | Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
@@ -45,9 +48,42 @@ def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     (tensors only, never pickled code). Sharded checkpoints are not supported.
     """
     directory = Path(directory)
-    if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
+    weights = directory / "model.safetensors"
+    if weights.is_file():
+        try:
+            return load_file(str(weights))
+        except SafetensorError as err:
+            raise ValueError(f"{weights} {why_unreadable(weights, err, 'the weights of a model')}") from err
     if (directory / "pytorch_model.bin").is_file():
         return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory} "
                             "(sharded checkpoints are not supported)")
+
+
+def why_unreadable(path: str | Path, err: Exception, expected: str) -> str:
+    """What is wrong with a file that safetensors refuses, as the end of a sentence that
+    starts with its name (safetensors itself only says "incomplete metadata, file not
+    fully covered" or "header too large"). ``expected`` says what the file should be.
+
+    A safetensors file is: 8 bytes giving the header's length n (little-endian), n bytes
+    of JSON giving each tensor's byte range, then the tensors' bytes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n) if n <= MAX_HEADER else b""
+    not_safetensors = "is not a safetensors file ({}), so not " + expected
+    if size < 8 or not header.startswith(b"{"):
+        return not_safetensors.format("it does not start with a safetensors header")
+    truncated = "is truncated: {} (was a copy or download cut short?). Copy it again or save it again."
+    if len(header) < n:
+        return truncated.format(f"its {size:,} bytes end inside its {8 + n:,}-byte header")
+    try:
+        entries = json.loads(header)
+        end = 8 + n + max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return not_safetensors.format("its header is not a safetensors header")
+    if size < end:
+        return truncated.format(f"it has {size:,} bytes, its header announces {end:,}")
+    return f"cannot be read as safetensors ({err}), so not {expected}"

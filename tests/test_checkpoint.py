@@ -91,9 +91,33 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors", GPT(CFG))
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not an nblib checkpoint"):
+    with pytest.raises(ValueError, match="other.safetensors is a safetensors file but not a course checkpoint"):
         load_checkpoint(tmp_path / "other.safetensors", GPT(CFG))
     model, _ = trained_a_little()
     path = save_checkpoint(tmp_path / "ck.safetensors", model)
     with pytest.raises(ValueError, match="no optimizer state"):
         load_checkpoint(path, GPT(CFG), configure_optimizer(GPT(CFG), TrainConfig()))
+
+
+def damaged_files(tmp_path):
+    """A real checkpoint cut in half and cut inside its header, random bytes, a JSON file."""
+    model, _ = trained_a_little()
+    whole = save_checkpoint(tmp_path / "ck.safetensors", model).read_bytes()
+    files = {"half.safetensors": whole[: len(whole) // 2], "cut_header.safetensors": whole[:100],
+             "random.safetensors": bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)),
+             "config.safetensors": b'{"n_layer": 2, "n_head": 2, "n_embd": 16}\n', "empty.safetensors": b""}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return {name: tmp_path / name for name in files}
+
+
+@pytest.mark.parametrize("load", [read_metadata, load_model, lambda path: load_checkpoint(path, GPT(CFG))])
+def test_a_damaged_file_is_named_and_explained(tmp_path, load):
+    files = damaged_files(tmp_path)
+    # safetensors itself only says "incomplete metadata, file not fully covered" or "header too large"
+    for name in ("half.safetensors", "cut_header.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name} is truncated: .*cut short\?\). Copy it again"):
+            load(files[name])
+    for name in ("random.safetensors", "config.safetensors", "empty.safetensors"):
+        with pytest.raises(ValueError, match=rf"{name} is not a safetensors file.*not a course checkpoint"):
+            load(files[name])

@@ -178,3 +178,15 @@ def test_top_p_check_catches_a_float32_running_sum_at_p_one():
     checks.check_top_p(lambda logits, p: logits if p >= 1 else top_p_from_the_top(logits, p))
     with pytest.raises(CheckFailed, match="p=0.5 on a 50,257-token vocabulary: dropped 0 .* kept [1-9]"):
         checks.check_top_p(lambda logits, p: logits if p >= 1 else top_p_from_the_top(logits, p + 0.01))
+
+
+def test_a_damaged_model_safetensors_is_named_and_explained(tmp_path):
+    save_hf_dir(GPT(CFG), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{weights} is truncated: it has [\d,]+ bytes, its header announces"):
+        from_hf_dir(tmp_path)
+    weights.write_text('{"not": "weights"}')
+    with pytest.raises(ValueError, match=rf"{weights} is not a safetensors file"):
+        from_hf_dir(tmp_path)
