@@ -85,6 +85,21 @@ def test_causal_attention_rejects_wrong(fn, message):
         checks.check_causal_attention(fn)
 
 
+def attention_hiding_the_diagonal(q, k, v, fill=float("-inf")):
+    """Wrong: position t sees only 0..t-1, so position 0 sees nothing (all -inf: NaN)."""
+    T = q.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    mask = torch.tril(torch.ones(T, T, dtype=torch.bool), diagonal=-1)
+    return scores.masked_fill(~mask, fill).softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), -1e9])  # NaN at position 0, or a uniform row there
+def test_a_mask_that_hides_the_diagonal_is_named(fill):
+    with pytest.raises(CheckFailed, match="the first position has nothing to attend to .* the mask must keep "
+                                          "the diagonal, position t sees positions 0..t"):
+        checks.check_causal_attention(lambda q, k, v: attention_hiding_the_diagonal(q, k, v, fill))
+
+
 def test_crash_becomes_a_clear_failure():
     def crashes(q, k, v):
         return q @ v  # shapes do not line up in general
@@ -150,7 +165,7 @@ def split_silently_truncates(x, n_head):
 
 
 @pytest.mark.parametrize("split, merge, message", [
-    (split_interleaved, merge_interleaved, "split_heads: x\\[b=0, head=1, t=2\\]"),
+    (split_interleaved, merge_interleaved, "split_heads: x\\[b=0, head=1, t=0\\]"),
     (split_by_view_only, merge_by_view_only, "split_heads"),
     (split_heads, lambda x: x.sum(1), "expected shape"),  # "merging" by summing the heads
     (split_silently_truncates, merge_heads, "should raise an error"),
@@ -158,6 +173,24 @@ def split_silently_truncates(x, n_head):
 def test_split_merge_rejects_wrong(split, merge, message):
     with pytest.raises(CheckFailed, match=message):
         checks.check_split_merge_heads(split, merge)
+
+
+def merge_without_contiguous(x):
+    B, H, T, hs = x.shape
+    return x.transpose(1, 2).view(B, T, H * hs)  # attention's output is contiguous: this view fails
+
+
+def test_a_wrong_split_is_blamed_not_a_correct_merge():
+    with pytest.raises(CheckFailed) as err:
+        checks.check_split_merge_heads(split_by_view_only, merge_heads)
+    assert str(err.value).startswith("split_heads: a plain view") and "merge_heads" not in str(err.value)
+
+
+@pytest.mark.parametrize("merge", [merge_by_view_only, merge_interleaved, merge_without_contiguous])
+def test_a_wrong_merge_is_blamed_not_a_correct_split(merge):
+    with pytest.raises(CheckFailed) as err:
+        checks.check_split_merge_heads(split_heads, merge)
+    assert str(err.value).startswith("merge_heads") and "split_heads" not in str(err.value)
 
 
 # ---- layer norm ---------------------------------------------------------------------

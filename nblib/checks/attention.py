@@ -36,6 +36,13 @@ def check_causal_attention(causal_attention) -> None:
     expected = [[10.0, 0.0], [10.0 * w1, 10.0 * (1 - w1)]]
     got = call_learner("causal_attention on the hand example", causal_attention, q, k, v)
     _expect_tensor("causal_attention on the hand example", got, (2, 2))
+    # A mask that also hides the diagonal leaves position 0 nothing to attend to (NaN after
+    # a softmax over all -inf), and position 1 sees only position 0: output exactly v[0].
+    if not got[0].isfinite().all() or torch.allclose(got[1], v[0], atol=1e-4):
+        raise CheckFailed("causal_attention: the first position has nothing to attend to (its output is "
+                          f"{got[0].tolist()}) and position 1 ignores itself: the mask must keep the diagonal, "
+                          "position t sees positions 0..t. Use torch.tril(torch.ones(T, T)) as it is "
+                          "(not diagonal=-1), and mask where it is 0.")
     if abs(float(got[0, 1])) > 1e-4:
         raise CheckFailed("causal_attention: position 0 attends to position 1 (a future token). "
                           "Mask the scores above the diagonal with -inf before the softmax.")
@@ -75,14 +82,27 @@ def check_split_merge_heads(split_heads, merge_heads) -> None:
     channels ``h*hs:(h+1)*hs``; ``merge_heads`` is its inverse."""
     # A hand example where every channel's value is its own index, so we can read where it went.
     x = torch.arange(2 * 3 * 6, dtype=torch.float32).view(2, 3, 6)  # B=2, T=3, C=6
+    heads = x.view(2, 3, 2, 3).transpose(1, 2)  # the right answer
     got = call_learner("split_heads", split_heads, x, 2)
     _expect_tensor("split_heads((2, 3, 6), n_head=2)", got, (2, 2, 3, 3))
-    # Batch 0, head 1, time 2 holds channels 3, 4, 5 of token 2: values 2*6 + 3.. = 15, 16, 17.
+    if torch.equal(got, x.view(2, 2, 3, 3)):
+        raise CheckFailed("split_heads: a plain view of (B, T, C) as (B, n_head, T, hs) puts the channels of "
+                          "several tokens into one head's row (head 1, time 0 holds 9, 10, 11 instead of token "
+                          "0's channels 3, 4, 5). View as (B, T, n_head, hs), then transpose(1, 2).")
+    # Head 1 at time 0 holds channels 3..5 of token 0 (values 3, 4, 5), and so on.
+    expect_close("split_heads: x[b=0, head=1, t=0] (channels 3..5 of token 0)", got[0, 1, 0], [3.0, 4.0, 5.0])
     expect_close("split_heads: x[b=0, head=1, t=2] (channels 3..5 of token 2)", got[0, 1, 2], [15.0, 16.0, 17.0])
     expect_close("split_heads: x[b=1, head=0, t=0] (channels 0..2 of token 0, batch 1)", got[1, 0, 0], [18.0, 19.0, 20.0])
-    back = call_learner("merge_heads", merge_heads, got)
-    _expect_tensor("merge_heads(split_heads(x))", back, (2, 3, 6))
-    expect_close("merge_heads(split_heads(x)) == x", back, x)
+    expect_close("split_heads((2, 3, 6), n_head=2)", got, heads)
+    # merge_heads on its own, fed the right heads (contiguous, as attention returns them),
+    # so that a wrong split is never blamed on it.
+    back = call_learner("merge_heads", merge_heads, heads.contiguous())
+    _expect_tensor("merge_heads of (2, 2, 3, 3) heads", back, (2, 3, 6))
+    if torch.equal(back, heads.reshape(2, 3, 6)):
+        raise CheckFailed("merge_heads: a plain view of (B, n_head, T, hs) as (B, T, C) puts several tokens of one "
+                          "head into one row. transpose(1, 2) back to (B, T, n_head, hs) first, then "
+                          ".contiguous().view(B, T, C).")
+    expect_close("merge_heads(heads) == x (token t is head 0's channels of t, then head 1's)", back, x)
 
     # Random sizes, against the reference layout used by every GPT implementation.
     g = torch.Generator().manual_seed(7)
@@ -92,7 +112,8 @@ def check_split_merge_heads(split_heads, merge_heads) -> None:
         got = call_learner("split_heads", split_heads, x, n_head)
         _expect_tensor(f"split_heads((3, 5, 12), n_head={n_head})", got, tuple(reference.shape))
         expect_close(f"split_heads with n_head={n_head}", got, reference)
-        expect_close(f"merge_heads(split_heads(x, {n_head})) == x", call_learner("merge_heads", merge_heads, got), x)
+        expect_close(f"merge_heads of {n_head} heads of shape (3, {n_head}, 5, {12 // n_head})",
+                     call_learner("merge_heads", merge_heads, reference.contiguous()), x)
 
     # Together with attention they must make multi-head causal attention.
     q, k, v = (torch.randn(2, 6, 8, generator=g) for _ in range(3))
