@@ -64,3 +64,66 @@ def test_call_learner_turns_crashes_into_failed_checks():
         call_learner("forgot", lambda x: None, 1)
     with pytest.raises(NotImplementedError):  # an unsolved exercise is not a wrong answer
         call_learner("stub", lambda x: (_ for _ in ()).throw(NotImplementedError("hint")), 1)
+
+
+def all_checks():
+    """(name, function) for every ``check_*`` in every module of nblib.checks."""
+    import importlib
+    import pkgutil
+
+    import nblib.checks
+
+    found = []
+    for info in pkgutil.iter_modules(nblib.checks.__path__):
+        module = importlib.import_module(f"nblib.checks.{info.name}")
+        found += [(f"{info.name}.{name}", fn) for name, fn in vars(module).items()
+                  if name.startswith("check_") and callable(fn) and fn.__module__ == module.__name__]
+    return sorted(found, key=lambda pair: pair[0])
+
+
+CHECKS = all_checks()
+
+
+def learner_functions(check, fn):
+    """``fn`` for every argument a learner must pass to ``check`` (those without a default)."""
+    import inspect
+
+    required = [p for p in inspect.signature(check).parameters.values() if p.default is p.empty]
+    return [fn] * len(required)
+
+
+def test_all_checks_are_found():
+    assert len(CHECKS) >= 23 and "attention.check_split_merge_heads" in dict(CHECKS)
+
+
+@pytest.mark.parametrize("name, check", CHECKS, ids=[name for name, _ in CHECKS])
+def test_every_check_says_a_return_is_missing(name, check):
+    def forgot_return(*args, **kwargs):
+        pass
+
+    with pytest.raises(CheckFailed, match=r"returned None: is a `return` missing\?"):
+        check(*learner_functions(check, forgot_return))
+
+
+@pytest.mark.parametrize("name, check", CHECKS, ids=[name for name, _ in CHECKS])
+def test_every_check_refuses_the_course_own_implementation(name, check):
+    def course_function(*args, **kwargs):
+        raise AssertionError("a check ran the course's own function instead of refusing it")
+
+    course_function.__module__, course_function.__qualname__ = "nblib.llama", "rms_norm"
+    with pytest.raises(CheckFailed, match=r"that is the course's own implementation \(nblib\.llama\.rms_norm\); "
+                                          r"write your own and pass it to the check"):
+        check(*learner_functions(check, course_function))
+
+
+def test_real_course_functions_are_refused():
+    from nblib import bpe, llama
+    from nblib.checks import llama as llama_checks
+    from nblib.checks import tokenizer as tokenizer_checks
+
+    with pytest.raises(CheckFailed, match=r"course's own implementation \(nblib\.llama\.apply_rope\)"):
+        llama_checks.check_apply_rope(llama.apply_rope)
+    with pytest.raises(CheckFailed, match=r"course's own implementation \(nblib\.bpe\.merge\)"):
+        tokenizer_checks.check_merge(bpe.merge)
+    with pytest.raises(CheckFailed, match=r"course's own implementation \(nblib\.bpe\.Tokenizer\.encode_chunk\)"):
+        tokenizer_checks.check_encode(bpe.train("aaab", 257).encode_chunk)

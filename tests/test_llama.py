@@ -261,17 +261,18 @@ def test_checks_accept_the_reference_and_reject_mistakes():
     checks.check_rms_norm(lambda x, w, eps: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w)
     with pytest.raises(CheckFailed):  # LayerNorm is not RMSNorm
         checks.check_rms_norm(lambda x, w, eps: torch.nn.functional.layer_norm(x, x.shape[-1:], w, None, eps))
-    checks.check_apply_rope(llama.apply_rope)
+    # wrapped: a check refuses nblib's own functions passed as they are (the learner must write theirs)
+    checks.check_apply_rope(lambda x, cos, sin: llama.apply_rope(x, cos, sin))
     with pytest.raises(CheckFailed):  # interleaved pairs (2i, 2i+1): another layout
         def interleaved(x, cos, sin):
             x1, x2 = x[..., 0::2], x[..., 1::2]
             c, s = cos[..., : x.shape[-1] // 2], sin[..., : x.shape[-1] // 2]
             return torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
         checks.check_apply_rope(interleaved)
-    checks.check_repeat_kv(llama.repeat_kv)
+    checks.check_repeat_kv(lambda x, n_rep: llama.repeat_kv(x, n_rep))
     with pytest.raises(CheckFailed):  # tiling (0, 1, 0, 1) instead of (0, 0, 1, 1)
         checks.check_repeat_kv(lambda x, n: x.repeat(1, n, 1, 1))
-    checks.check_kv_cache_bytes(llama.kv_cache_bytes_per_token)
+    checks.check_kv_cache_bytes(lambda *args: llama.kv_cache_bytes_per_token(*args))
     with pytest.raises(CheckFailed):  # forgot the values
         checks.check_kv_cache_bytes(lambda L, h, d, b: L * h * d * b)
 

@@ -16,11 +16,18 @@ class CheckFailed(AssertionError):
 
 
 def call_learner(what: str, fn, *args):
-    """Run the learner's function on ``args``.
+    """Run the learner's function on ``args``; every check calls the learner's code through here.
 
     ``NotImplementedError`` (an exercise not yet done) passes through unchanged; any other
-    crash, or a missing ``return``, becomes a ``CheckFailed`` that names the inputs.
+    crash, or a missing ``return``, becomes a ``CheckFailed`` that names the inputs. The
+    course's own function (``nblib.llama.repeat_kv``, ...) is refused before it runs: it
+    would pass without the learner having written anything.
     """
+    module = getattr(fn, "__module__", None) or ""
+    if module == "nblib" or module.startswith("nblib."):
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        raise CheckFailed(f"{what}: that is the course's own implementation ({module}.{name}); "
+                          "write your own and pass it to the check")
     try:
         result = fn(*args)
     except NotImplementedError:

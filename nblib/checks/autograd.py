@@ -12,7 +12,7 @@ import random
 import torch
 
 from nblib.autograd import Value as EngineValue
-from nblib.checks import CheckFailed, expect_close, passed
+from nblib.checks import CheckFailed, call_learner, expect_close, passed
 
 # Unary steps a random expression may take. Each works on a Value and on a torch tensor
 # alike, and keeps the argument of log/pow/division inside its domain.
@@ -116,7 +116,7 @@ def check_sigmoid(sigmoid, value_cls=EngineValue) -> None:
     """Exercise: ``sigmoid(x: Value) -> Value`` as one new operation with its own backward."""
     for x in (-3.0, -0.5, 0.0, 0.7, 2.5):
         v = value_cls(x)
-        out = sigmoid(v)
+        out = call_learner(f"sigmoid(Value({x}))", sigmoid, v)
         if not isinstance(out, value_cls):
             raise CheckFailed(f"sigmoid(Value({x})) should return a Value, got {type(out).__name__}")
         if v not in out._prev:
@@ -128,7 +128,7 @@ def check_sigmoid(sigmoid, value_cls=EngineValue) -> None:
         expect_close(f"x.grad after sigmoid(x).backward() at x={x}", v.grad, g)
     # x used twice: the backward must add to x.grad, not overwrite it.
     v = value_cls(0.3)
-    (sigmoid(v) * v).backward()
+    (call_learner("sigmoid(Value(0.3))", sigmoid, v) * v).backward()
     _, (g,) = _torch_grads(lambda t: torch.sigmoid(t) * t, [0.3])
     expect_close("x.grad of sigmoid(x) * x at x=0.3 (x is used twice: does your backward use += ?)", v.grad, g)
     passed("sigmoid with its backward")
@@ -138,14 +138,14 @@ def check_fixed_power(power, value_cls=EngineValue) -> None:
     """Exercise: ``power(a: Value, b: Value) -> Value``, a ** b with gradients for both a and b."""
     for a, b in ((2.0, 3.0), (1.5, -0.5), (0.7, 2.2), (3.0, 0.0)):
         va, vb = value_cls(a), value_cls(b)
-        out = power(va, vb)
+        out = call_learner(f"power(Value({a}), Value({b}))", power, va, vb)
         expect_close(f"power({a}, {b}).data", out.data, a**b)
         out.backward()
         _, (ga, gb) = _torch_grads(lambda s, t: s**t, [a, b])
         expect_close(f"a.grad (d a**b / d a) at a={a}, b={b}", va.grad, ga)
         expect_close(f"b.grad (d a**b / d b) at a={a}, b={b}", vb.grad, gb)
     va = value_cls(1.3)
-    (power(va, va) * 2).backward()
+    (call_learner("power(a, a)", power, va, va) * 2).backward()
     _, (g,) = _torch_grads(lambda s: s**s * 2, [1.3])
     expect_close("a.grad of power(a, a) * 2 at a=1.3 (a is used twice)", va.grad, g)
     passed("a ** b with both gradients")

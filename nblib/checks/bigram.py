@@ -10,7 +10,7 @@ from collections import Counter
 
 import torch
 
-from nblib.checks import CheckFailed, expect_close, passed
+from nblib.checks import CheckFailed, call_learner, expect_close, passed
 from nblib.names import BOUNDARY, char_vocab
 
 TINY_COUNTS = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0], [5.0, 4.0, 1.0]])
@@ -19,10 +19,10 @@ TINY_COUNTS = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0], [5.0, 4.0, 1.0]])
 def check_smoothed_probs(smoothed_probs) -> None:
     """``smoothed_probs(counts, alpha)``: add ``alpha`` to every count, normalise each row."""
     for alpha in (1.0, 0.5, 0.0):
-        got = smoothed_probs(TINY_COUNTS.clone(), alpha)
+        got = call_learner(f"smoothed_probs(counts, alpha={alpha})", smoothed_probs, TINY_COUNTS.clone(), alpha)
         expected = [[(c + alpha) / (sum(row) + alpha * len(row)) for c in row] for row in TINY_COUNTS.tolist()]
         expect_close(f"smoothed_probs(counts, alpha={alpha})", got, expected, atol=1e-6)
-    got = smoothed_probs(TINY_COUNTS.clone(), 1.0)
+    got = call_learner("smoothed_probs(counts, 1.0)", smoothed_probs, TINY_COUNTS.clone(), 1.0)
     if not torch.is_tensor(got):
         raise CheckFailed(f"smoothed_probs should return a tensor, got {type(got).__name__}")
     passed("smoothed_probs")
@@ -57,7 +57,7 @@ def check_trigram_nll(trigram_nll) -> None:
     """
     train = ["ab", "ba", "abba", "b", "aab"]
     for eval_words, alpha in ((["ab"], 1.0), (["ba", "bab"], 1.0), (train, 0.1)):
-        got = trigram_nll(train, eval_words, alpha)
+        got = call_learner(f"trigram_nll(train, {eval_words}, alpha={alpha})", trigram_nll, train, eval_words, alpha)
         expected = _reference_ngram_nll(train, eval_words, 3, alpha)
         expect_close(f"trigram_nll(train, {eval_words}, alpha={alpha})", float(got), expected, atol=1e-5)
     passed("trigram_nll")

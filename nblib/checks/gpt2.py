@@ -20,7 +20,7 @@ def check_num_params(gpt2_num_params) -> None:
     for cfg in CONFIGS:
         with torch.device("meta"):  # shapes only, no memory: GPT-2 medium costs nothing
             want = GPT(cfg).num_params()
-        got = gpt2_num_params(cfg)
+        got = call_learner(f"gpt2_num_params({cfg})", gpt2_num_params, cfg)
         if not isinstance(got, int):
             raise CheckFailed(f"gpt2_num_params({cfg}) should return an int, got {type(got).__name__}")
         if got == want + cfg.vocab_size * cfg.n_embd:
@@ -39,7 +39,8 @@ def check_lr_schedule(lr_schedule) -> None:
     cases = [(s, 100, 10, 6e-4, 6e-5) for s in (0, 4, 9, 10, 30, 55, 99, 100, 150)]
     cases += [(s, 20, 0, 1.0, 0.0) for s in (0, 5, 10, 20)]
     for args in cases:
-        expect_close(f"lr_schedule{args}", float(lr_schedule(*args)), _lr_reference(*args), atol=1e-12, rtol=1e-6)
+        got = call_learner(f"lr_schedule{args}", lr_schedule, *args)
+        expect_close(f"lr_schedule{args}", float(got), _lr_reference(*args), atol=1e-12, rtol=1e-6)
     passed("warmup + cosine learning-rate schedule")
 
 

@@ -58,5 +58,5 @@ def check_kv_cache_bytes(kv_cache_bytes_per_token) -> None:
     config = llama.LlamaConfig(vocab_size=8, block_size=10, n_layer=3, n_head=4, n_kv_heads=2, n_embd=16)
     cache = llama.KVCache(config, batch_size=1, max_len=10)
     expect_equal("bytes of a real KVCache (3 layers, 2 kv heads, head_dim 4, float32, 10 tokens)",
-                 10 * kv_cache_bytes_per_token(3, 2, 4, 4), cache.nbytes)
+                 10 * call_learner("kv_cache_bytes_per_token", kv_cache_bytes_per_token, 3, 2, 4, 4), cache.nbytes)
     passed("kv_cache_bytes_per_token")
