@@ -84,7 +84,10 @@ class Tokenizer:
         self._check()
         self._split = regex.compile(pattern) if pattern else None
         self._special_ids = {i: s.encode("utf-8") for s, i in self.special_tokens.items()}
-        self._special_split = (regex.compile("(" + "|".join(regex.escape(s) for s in self.special_tokens) + ")")
+        # Longest first: the regex takes the first alternative that matches, so "<|end|>" listed
+        # before "<|end|><|x|>" would otherwise always cut the longer token in two.
+        longest_first = sorted(self.special_tokens, key=len, reverse=True)
+        self._special_split = (regex.compile("(" + "|".join(regex.escape(s) for s in longest_first) + ")")
                                if self.special_tokens else None)
         self._cache: dict[str, list[int]] = {}  # chunk -> ids: real text repeats its words a lot
 

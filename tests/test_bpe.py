@@ -241,3 +241,14 @@ def test_checks_catch_bugs():
                       (tok_checks.check_encode, encode_left_first), (tok_checks.check_bytes_to_unicode, no_shift)]:
         with pytest.raises(checks.CheckFailed):
             check(fn)
+
+
+@pytest.mark.parametrize("specials", [["<|end|>", "<|end|><|x|>", "<|im|>", "<|im|>x"],
+                                      ["<|end|><|x|>", "<|end|>", "<|im|>x", "<|im|>"]])
+def test_overlapping_special_tokens_match_longest_first(specials):
+    tok = bpe.Tokenizer({}, {i: bytes([i]) for i in range(256)}, special_tokens={s: 256 + k for k, s in enumerate(specials)})
+    ids = tok.special_tokens
+    text = "a<|end|><|x|>b<|end|>c<|im|>xd<|im|>"
+    assert tok.encode(text, allowed_special="all") == [
+        ord("a"), ids["<|end|><|x|>"], ord("b"), ids["<|end|>"], ord("c"), ids["<|im|>x"], ord("d"), ids["<|im|>"]]
+    assert tok.decode(tok.encode(text, allowed_special="all")) == text
