@@ -206,7 +206,7 @@ def expected_files(course: dict, strict: bool = True) -> dict[Path, str]:
 
 
 def allowed_lines(course: dict) -> set[str]:
-    return {line.strip() for line in course.get("leaks", {}).get("allow", [])}
+    return {exercises.normalized(line) for line in course.get("leaks", {}).get("allow", [])}
 
 
 def main(argv: list[str]) -> int:

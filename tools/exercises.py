@@ -104,6 +104,10 @@ def parse_code(source: str, where: str) -> dict:
             mode = None
     if mode is not None:
         raise MarkerError(f"{where}: a {mode} block is never closed")
+    # The check starts at the first top-level line after the last solution: indented lines
+    # right after it are the rest of the function the learner completes (e.g. `return out`).
+    start = next((k for k, ln in enumerate(check) if ln.strip() and not ln[0].isspace()), len(check))
+    check = check[start:]
     if n_solutions and header is None:
         raise MarkerError(f"{where}: a cell with a solution must start with `# Exercise NN.name (P points)`")
     if header and not n_solutions:
@@ -155,9 +159,20 @@ def exercises(nb, where: str) -> list[Exercise]:
     return found
 
 
+TRAILING_COMMENT = re.compile(r"\s+#[^'\"]*$")
+
+
+def normalized(line: str) -> str:
+    """A line as the leak check compares it: stripped, without a trailing comment (a comment
+    added to a solution line does not make it another line)."""
+    return TRAILING_COMMENT.sub("", line.strip())
+
+
 def is_trivial(line: str) -> bool:
-    s = line.strip()
-    return len(s.replace(" ", "")) < TRIVIAL_CHARS or s.startswith("#")
+    """Too short or too generic to give anything away: `return out`, comments, imports."""
+    s = normalized(line)
+    return (len(s.replace(" ", "")) < TRIVIAL_CHARS or s.startswith("#")
+            or re.match(r"(import|from)\s+[\w.]+(\s+import\b.*)?$", s) is not None)
 
 
 def solution_lines(nb, where: str) -> set[str]:
@@ -169,7 +184,7 @@ def solution_lines(nb, where: str) -> set[str]:
             lines.update(parts["solution"] + parts["hidden"])
         elif cell.cell_type == "markdown":
             lines.update(parse_markdown(cell.source, f"{where} cell {i}")["solution"])
-    return {ln.strip() for ln in lines if not is_trivial(ln)}
+    return {normalized(ln) for ln in lines if not is_trivial(ln)}
 
 
 def leaks(solutions: dict[str, set[str]], students: dict[str, object], allow: set[str] = frozenset()) -> list[str]:
@@ -186,7 +201,7 @@ def leaks(solutions: dict[str, set[str]], students: dict[str, object], allow: se
     for name, nb in students.items():
         for i, cell in enumerate(nb.cells):
             for line in cell.source.split("\n"):
-                s = line.strip()
+                s = normalized(line)
                 if s in owner and s not in allow:
                     found.append(f"{name} cell {i}: solution line from {owner[s]}: {s!r}")
                 elif CODE_MARKER.match(line) or MD_MARKER.match(line) or MARKER_LIKE.search(line):
