@@ -53,7 +53,9 @@ def check_config(saved: dict, config) -> None:
     problems = []
     if saved["class"] != ours["class"]:
         problems.append(f"config class: checkpoint has {saved['class']}, model has {ours['class']}")
-    a, b = saved["fields"], ours["fields"]
+    # A field added to the config class after the checkpoint was saved had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    a, b = {**json.loads(json.dumps(defaults)), **saved["fields"]}, ours["fields"]
     for name in sorted(set(a) | set(b)):
         if a.get(name, "<absent>") != b.get(name, "<absent>"):
             problems.append(f"{name}: checkpoint has {a.get(name, '<absent>')!r}, model has {b.get(name, '<absent>')!r}")

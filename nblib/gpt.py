@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from nblib.hf_dir import read_hf_config, read_hf_weights, write_hf_dir
+from nblib.hf_dir import check_special_tokens, read_hf_config, read_hf_weights, write_hf_dir
 
 
 @dataclass
@@ -42,10 +42,15 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0  # HF has three (embd/attn/resid_pdrop); we use one for all
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2 has
+    # The start / end-of-text token, if the vocabulary has one (GPT-2's: both 50256, <|endoftext|>).
+    # Written to config.json so that Hugging Face does not assume GPT-2's.
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        check_special_tokens(self)
 
 
 class CausalSelfAttention(nn.Module):
@@ -218,7 +223,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
         raise ValueError(f"this GPT-2 config uses settings nblib.gpt does not implement: {bad}")
     return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
                      n_head=hf["n_head"], n_embd=hf["n_embd"],
-                     dropout=max(hf.get(k, 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")), bias=True)
+                     dropout=max(hf.get(k, 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")), bias=True,
+                     bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
 
 
 def hf_config_dict(config: GPTConfig) -> dict:
@@ -229,7 +235,7 @@ def hf_config_dict(config: GPTConfig) -> dict:
                 n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
                 n_head=config.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
                 resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
-                tie_word_embeddings=True)
+                tie_word_embeddings=True, bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id)
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:

@@ -15,6 +15,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MAX_HEADER = 100_000_000  # safetensors refuses longer headers; a bigger "length" is not one
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id")
+
+
+def check_special_tokens(config) -> None:
+    """Refuse a model config whose bos/eos token id is not in its vocabulary (None: no such token)."""
+    for key in SPECIAL_TOKENS:
+        token = getattr(config, key)
+        for t in token if isinstance(token, list) else [token]:  # some Llamas list several end tokens
+            if t is not None and not 0 <= t < config.vocab_size:
+                raise ValueError(f"{key}={t} is not a token of a {config.vocab_size}-token vocabulary "
+                                 f"(0..{config.vocab_size - 1}); use None for a model without one")
 
 
 def write_hf_dir(directory: str | Path, config: dict, state: dict[str, torch.Tensor]) -> Path:
@@ -23,6 +34,12 @@ def write_hf_dir(directory: str | Path, config: dict, state: dict[str, torch.Ten
     Leave tied weights (e.g. ``lm_head.weight``) out of ``state``: safetensors stores each
     tensor once, and Hugging Face re-ties them on load.
     """
+    # A config.json without bos/eos_token_id gets transformers' defaults (GPT-2's 50256,
+    # whatever the vocabulary) and a warning at every load: always say them, null for none.
+    missing = [key for key in SPECIAL_TOKENS if key not in config]
+    if missing:
+        raise ValueError(f"config.json needs {missing}: the model's own ids, or None for a model without "
+                         "such a token (otherwise transformers fills in its defaults)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}

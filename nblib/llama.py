@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nblib.hf_dir import read_hf_config, read_hf_weights, write_hf_dir
+from nblib.hf_dir import check_special_tokens, read_hf_config, read_hf_weights, write_hf_dir
 from nblib import sample  # lesson 06's sampler: the generators here choose tokens with it
 
 POS_EMBS = ("rope", "learned")
@@ -67,6 +67,8 @@ class LlamaConfig:
     pos_emb: str = "rope"          # "rope" or "learned" (GPT-2's position table)
     norm: str = "rms"              # "rms" or "layer" (GPT-2's LayerNorm, here without its bias)
     mlp: str = "swiglu"            # "swiglu" or "gelu" (GPT-2's 4x MLP, without biases)
+    bos_token_id: int | None = None  # start / end-of-text tokens, if the vocabulary has them;
+    eos_token_id: int | None = None  # written to config.json so that Hugging Face assumes none of its own
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -83,6 +85,7 @@ class LlamaConfig:
                              "each key/value head serves the same number of query heads")
         if self.head_dim % 2:
             raise ValueError(f"head size n_embd/n_head={self.head_dim} must be even: RoPE rotates pairs")
+        check_special_tokens(self)
 
     @property
     def head_dim(self) -> int:
@@ -384,7 +387,8 @@ def from_gpt(gpt) -> Llama:
     if g.bias:
         raise ValueError("from_gpt needs a GPT without biases (GPTConfig(bias=False)): this model has none")
     config = LlamaConfig(vocab_size=g.vocab_size, block_size=g.block_size, n_layer=g.n_layer, n_head=g.n_head,
-                         n_embd=g.n_embd, tie_embeddings=True, pos_emb="learned", norm="layer", mlp="gelu")
+                         n_embd=g.n_embd, tie_embeddings=True, pos_emb="learned", norm="layer", mlp="gelu",
+                         bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id)
     src = gpt.state_dict()
     state = {"model.embed_tokens.weight": src["transformer.wte.weight"],
              "model.embed_positions.weight": src["transformer.wpe.weight"],
@@ -429,8 +433,8 @@ def hf_config_dict(config: LlamaConfig) -> dict:
         "mlp_bias": False,
         "tie_word_embeddings": config.tie_embeddings,
         "torch_dtype": "float32",
-        "bos_token_id": None,
-        "eos_token_id": None,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
     }
 
 
@@ -454,6 +458,7 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         n_head=n_head, n_kv_heads=hf.get("num_key_value_heads") or n_head, n_embd=n_embd,
         ffn_hidden=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
     )
 
 

@@ -1,4 +1,5 @@
 """nblib.checkpoint: safetensors round trips, tied weights, RNG states, config mismatch."""
+import json
 import random
 
 import numpy as np
@@ -121,3 +122,22 @@ def test_a_damaged_file_is_named_and_explained(tmp_path, load):
     for name in ("random.safetensors", "config.safetensors", "empty.safetensors"):
         with pytest.raises(ValueError, match=rf"{name} is not a safetensors file.*not a course checkpoint"):
             load(files[name])
+
+
+def test_a_checkpoint_from_before_a_config_field_existed_still_loads(tmp_path):
+    # e.g. GPTConfig.bos_token_id / eos_token_id, added later: an older file has no such field
+    from safetensors.torch import load_file, save_file
+
+    model, _ = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    for field in ("bos_token_id", "eos_token_id"):
+        del config["fields"][field]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={**meta, "config": json.dumps(config)})
+    load_checkpoint(old, GPT(CFG))
+    assert load_model(old).config == CFG
+    with pytest.raises(ConfigMismatchError, match="eos_token_id: checkpoint has None, model has 3"):
+        load_checkpoint(old, GPT(GPTConfig(**{**CFG.__dict__, "eos_token_id": 3})))

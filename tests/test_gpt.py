@@ -190,3 +190,49 @@ def test_a_damaged_model_safetensors_is_named_and_explained(tmp_path):
     weights.write_text('{"not": "weights"}')
     with pytest.raises(ValueError, match=rf"{weights} is not a safetensors file"):
         from_hf_dir(tmp_path)
+
+
+def transformers_warnings():
+    """Start collecting what transformers logs at WARNING and above; returns (records, stop)."""
+    import logging
+
+    records, handler = [], logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger, level = logging.getLogger("transformers"), transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # this module silences it at import
+    logger.addHandler(handler)
+
+    def stop():
+        logger.removeHandler(handler)
+        transformers.logging.set_verbosity(level)
+    return records, stop
+
+
+@pytest.mark.parametrize("special", [dict(), dict(bos_token_id=96, eos_token_id=95)])
+def test_save_hf_dir_writes_the_model_own_special_tokens(tmp_path, special):
+    # 97 tokens: transformers used to fill in GPT-2's 50256 and warn at every load
+    cfg = GPTConfig(**{**CFG.__dict__, **special})
+    want = (special.get("bos_token_id"), special.get("eos_token_id"))
+    save_hf_dir(GPT(cfg), tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"]) == want  # null written out when there is none
+    records, stop = transformers_warnings()
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    finally:
+        stop()
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == want
+    assert not [r.getMessage() for r in records if "token_id" in r.getMessage()]
+    assert from_hf_dir(tmp_path).config == cfg  # and they come back
+
+
+def test_special_token_ids_must_be_in_the_vocabulary():
+    with pytest.raises(ValueError, match="eos_token_id=97 is not a token of a 97-token vocabulary"):
+        GPTConfig(**{**CFG.__dict__, "eos_token_id": 97})
+
+
+def test_write_hf_dir_insists_on_the_special_tokens(tmp_path):
+    from nblib.hf_dir import write_hf_dir
+
+    with pytest.raises(ValueError, match=r"config.json needs \['bos_token_id', 'eos_token_id'\]"):
+        write_hf_dir(tmp_path, {"model_type": "gpt2", "vocab_size": 3}, {})

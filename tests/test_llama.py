@@ -293,3 +293,17 @@ def test_generate_rejects_a_temperature_that_is_not_a_finite_number(use_cache):
     for temperature in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="temperature must be a finite number"):
             llama.generate(model, torch.zeros(1, 3, dtype=torch.long), 2, use_cache=use_cache, temperature=temperature)
+
+
+@pytest.mark.parametrize("special", [dict(), dict(bos_token_id=0, eos_token_id=36)])
+def test_export_writes_the_model_own_special_tokens(tmp_path, special):
+    model = llama.Llama(tiny_config(**special))
+    llama.save_hf(model, tmp_path)
+    want = (special.get("bos_token_id"), special.get("eos_token_id"))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"]) == want  # null written out when there is none
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == want
+    assert llama.load_hf(tmp_path).config == model.config
+    with pytest.raises(ValueError, match="bos_token_id=37 is not a token of a 37-token vocabulary"):
+        tiny_config(bos_token_id=37)
