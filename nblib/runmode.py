@@ -20,10 +20,19 @@ import torch
 FAST_ENV = "NBLIB_FAST"
 
 
+def env_flag(name: str) -> bool:
+    """An on/off environment variable: unset, "", "0", "false", "no" and "off" are off.
+
+    Case and surrounding spaces do not matter; any other value is on. Every ``NBLIB_*``
+    switch (``NBLIB_FAST``, ``NBLIB_OFFLINE``) is read this way.
+    """
+    value = os.environ.get(name, "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
 def is_fast() -> bool:
     """True when the environment asks for the tiny CI-sized version of a lesson."""
-    value = os.environ.get(FAST_ENV, "0").strip().lower()
-    return value not in ("", "0", "false", "no", "off")
+    return env_flag(FAST_ENV)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:

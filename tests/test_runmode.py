@@ -14,6 +14,20 @@ def test_fast_switch_reads_the_environment(monkeypatch, value, fast):
     assert runmode.is_fast() is fast
 
 
+@pytest.mark.parametrize("value, on", [
+    ("1", True), ("true", True), ("yes", True), ("on", True), (" TRUE ", True),
+    ("0", False), ("", False), ("false", False), ("no", False), ("off", False), (" Off ", False),
+])
+def test_env_flag_reads_on_and_off_values(monkeypatch, value, on):
+    monkeypatch.setenv("NBLIB_TEST_FLAG", value)
+    assert runmode.env_flag("NBLIB_TEST_FLAG") is on
+
+
+def test_env_flag_is_off_when_unset(monkeypatch):
+    monkeypatch.delenv("NBLIB_TEST_FLAG", raising=False)
+    assert runmode.env_flag("NBLIB_TEST_FLAG") is False
+
+
 def test_fast_is_off_when_unset(monkeypatch):
     monkeypatch.delenv("NBLIB_FAST", raising=False)
     assert runmode.is_fast() is False
