@@ -1,13 +1,19 @@
-"""Data sets: fetched once from their canonical public origin, checked, cached.
+"""Data sets by name: a verified local copy, with no download when one can be avoided.
 
 Every file the course reads is registered here with the URL it comes from and the
-sha256 of its bytes. ``path(name)`` returns a local, verified copy:
+sha256 of its bytes. The small ones the lessons use (names, tinyshakespeare, GPT-2's
+tokenizer files; about 3 MB) ship inside this package, in ``nblib/datafiles/``, so
+the lessons run offline out of the box. ``path(name)`` returns a verified local copy,
+looking in order at:
 
-1. ``NBLIB_DATA_DIR`` (a folder of mirrored files, for offline machines and CI);
-2. the cache (``NBLIB_CACHE_DIR``, default ``~/.cache/nblib``);
-3. the network, into the cache, unless ``NBLIB_OFFLINE=1``.
+1. ``NBLIB_DATA_DIR``, a folder of your own copies (an override: offline mirrors of
+   the larger corpora that are not packaged, or a replacement for a packaged file);
+2. the copy packaged with nblib, if the file is one of those;
+3. the cache (``NBLIB_CACHE_DIR``, default ``~/.cache/nblib``);
+4. the network, into the cache, unless ``NBLIB_OFFLINE`` is on.
 
-Every failure says what went wrong and what to do about it.
+Every copy is checked against its sha256 before use, and every failure says what went
+wrong and what to do about it.
 """
 from __future__ import annotations
 
@@ -19,9 +25,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from nblib.runmode import env_flag
+
 DATA_DIR_ENV = "NBLIB_DATA_DIR"
 CACHE_DIR_ENV = "NBLIB_CACHE_DIR"
 OFFLINE_ENV = "NBLIB_OFFLINE"
+
+# Where the packaged copies live (declared as package data in pyproject.toml).
+PACKAGED_DIR = Path(__file__).resolve().parent / "datafiles"
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,7 @@ class DataFile:
     url: str
     sha256: str
     about: str
+    packaged: bool = False  # shipped in nblib/datafiles; larger corpora are not
 
 
 REGISTRY: dict[str, DataFile] = {
@@ -38,24 +50,28 @@ REGISTRY: dict[str, DataFile] = {
         "https://raw.githubusercontent.com/karpathy/makemore/master/names.txt",
         "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d",
         "32,033 lowercase first names, one per line",
+        packaged=True,
     ),
     "tinyshakespeare": DataFile(
         "tinyshakespeare.txt",
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         "1,115,394 characters of Shakespeare plays",
+        packaged=True,
     ),
     "gpt2-encoder": DataFile(
         "gpt2-encoder.json",
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
         "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
         "GPT-2 BPE token-to-id map (50,257 entries)",
+        packaged=True,
     ),
     "gpt2-vocab": DataFile(
         "gpt2-vocab.bpe",
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
         "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
         "GPT-2 BPE merges (50,000 merges)",
+        packaged=True,
     ),
 }
 
@@ -74,6 +90,17 @@ def sha256_of(path: Path) -> str:
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "nblib")
+
+
+def is_offline() -> bool:
+    """True when ``NBLIB_OFFLINE`` forbids downloads (read like ``NBLIB_FAST``: "0", "off"... are off)."""
+    return env_flag(OFFLINE_ENV)
+
+
+def packaged_path(name: str) -> Path | None:
+    """Where the packaged copy of ``name`` is, or None if that data set is not packaged."""
+    entry = _entry(name)
+    return PACKAGED_DIR / entry.filename if entry.packaged else None
 
 
 def _entry(name: str) -> DataFile:
@@ -107,6 +134,14 @@ def _download(url: str, dest: Path) -> None:
             os.remove(tmp)
 
 
+_REINSTALL = (
+    "This copy ships inside the nblib package, so the installation is damaged: reinstall nblib "
+    "(`pip install --force-reinstall --no-deps` with the same source you installed it from; in a "
+    "clone of the course, `git checkout nblib/datafiles` restores the files), or set "
+    f"{DATA_DIR_ENV} to a folder holding a good copy."
+)
+
+
 def path(name: str) -> Path:
     """A verified local copy of the registered data file ``name``."""
     entry = _entry(name)
@@ -115,14 +150,21 @@ def path(name: str) -> Path:
     if mirror:
         candidate = Path(mirror) / entry.filename
         if candidate.exists():
-            return _verified(candidate, entry, f"Replace it with a fresh copy from {entry.url}.")
+            return _verified(candidate, entry, f"Replace it with a fresh copy from {entry.url}"
+                             + (f", or unset {DATA_DIR_ENV} to use the copy packaged with nblib." if entry.packaged else "."))
+
+    packaged = packaged_path(name)
+    if packaged is not None and packaged.exists():
+        return _verified(packaged, entry, _REINSTALL)
 
     cached = cache_dir() / entry.filename
     if cached.exists():
         return _verified(cached, entry, f"Delete {cached} and run again to download it afresh.")
 
     where = f" (it is not in {DATA_DIR_ENV}={mirror})" if mirror else ""
-    if os.environ.get(OFFLINE_ENV, "0") not in ("", "0"):
+    if packaged is not None:  # should have been there: say so rather than only "offline"
+        where += f" (the copy packaged with nblib, {packaged}, is missing: reinstall nblib)"
+    if is_offline():
         raise DataError(
             f"Data set {name!r} is not available offline{where} and {OFFLINE_ENV} forbids the network.\n"
             f"Download {entry.url} on a machine with internet access, put it in a folder as "
@@ -153,11 +195,14 @@ def availability() -> dict[str, str]:
     mirror = os.environ.get(DATA_DIR_ENV)
     report = {}
     for name, entry in REGISTRY.items():
+        packaged = packaged_path(name)
         if mirror and (Path(mirror) / entry.filename).exists():
             report[name] = f"local folder {mirror}"
+        elif packaged is not None and packaged.exists():
+            report[name] = f"packaged with nblib ({PACKAGED_DIR})"
         elif (cache_dir() / entry.filename).exists():
             report[name] = f"cache {cache_dir()}"
-        elif os.environ.get(OFFLINE_ENV, "0") not in ("", "0"):
+        elif is_offline():
             report[name] = f"MISSING: offline; set {DATA_DIR_ENV} to a folder holding {entry.filename}"
         else:
             report[name] = f"will download from {entry.url}"
