@@ -48,9 +48,8 @@ def cpu_name() -> str:
 def machine() -> str:
     import torch
 
-    where = f"{cpu_name()}, {os.cpu_count()} cores"
-    if torch.cuda.is_available():
-        where = f"{torch.cuda.get_device_name(0)}; {where}"
+    where = f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores"
+    where = f"{torch.cuda.get_device_name(0)}; {where}" if torch.cuda.is_available() else f"{where}, no GPU"
     return f"{where}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
