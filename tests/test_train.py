@@ -134,3 +134,29 @@ def test_bfloat16_autocast_runs_on_cpu():
     assert all(math.isfinite(x) for x in h.loss + h.val)
     with pytest.raises(ValueError, match="dtype"):
         train(model(), train_ids, val_ids, TrainConfig(**{**SMALL, "dtype": "fp8"}), show_progress=False)
+
+
+# Today's numbers for a small seeded run (dropout, accumulation 2, warmup, cosine, clipping,
+# evaluation), recorded with torch 2.13 on CPU before train() became a loop over Trainer.step:
+# refactoring the loop must not change what it computes.
+PINNED = dict(
+    loss=[3.4488377571105957, 3.40861713886261, 3.347051978111267, 3.278440475463867, 3.2411006689071655,
+          3.177685260772705, 3.1390587091445923, 3.1315736770629883],
+    grad_norm=[2.255601406097412, 2.152139902114868, 1.418087124824524, 1.1107312440872192, 1.0195584297180176,
+               1.122809886932373, 1.1376994848251343, 1.088062047958374],
+    lr=[0.001, 0.002, 0.0030000000000000005, 0.003, 0.0027421729424061793, 0.002067172942406179,
+        0.0012328270575938211, 0.0005578270575938211],
+    train_eval=[3.4363235235214233, 3.2061668634414673, 3.0820611715316772],
+    val=[3.4318729639053345, 3.2022451162338257, 3.079089045524597],
+)
+
+
+def test_history_equals_the_pinned_run():
+    train_ids, val_ids = data()
+    h = train(model(), train_ids, val_ids, TrainConfig(**{**SMALL, "max_steps": 8}), show_progress=False)
+    assert h.step == list(range(1, 9)) and h.eval_step == [0, 4, 8]
+    for name, want in PINNED.items():
+        got = getattr(h, name)
+        assert len(got) == len(want), name
+        # 1e-6: float32 kernels may round differently on other CPUs or torch versions
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-6, (name, got, want)
