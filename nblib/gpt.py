@@ -16,7 +16,10 @@ What makes it GPT-2 rather than the lesson-05 GPT:
   ``2 * n_layer`` residual branches keeps the stream's variance about the same at any depth.
 
 The model follows the course's contract: ``model.config`` is a dataclass and
-``model(idx, targets=None)`` returns ``(logits, loss)``.
+``model(idx, targets=None)`` returns ``(logits, loss)``. Later lessons add keyword options
+that ``nblib.llama.Llama`` has too: left padding (``attention_mask``), explicit
+``positions``, a ``KVCache`` (``nblib.kvcache``), the final hidden states for a value
+head (``return_hidden``) and a per-token loss (``reduction="none"``).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from nblib.hf_dir import check_special_tokens, read_hf_config, read_hf_weights, write_hf_dir
+from nblib.kvcache import KVCache, causal_mask, positions_from_mask
 
 
 @dataclass
@@ -74,6 +78,21 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = True,
+               cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """``forward`` for later lessons: ``mask`` says which keys each query sees (left
+        padding; from ``nblib.kvcache.causal_mask``), ``cache`` holds earlier keys and values.
+        With neither it computes exactly what ``forward`` does."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # every key and value so far
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -137,25 +156,46 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                return_hidden: bool = False, reduction: str = "mean"):
         """Logits for every position; with ``targets``, also the mean cross-entropy.
 
         Target positions equal to -100 are ignored (PyTorch's and HF's convention), which
-        later lessons use to mask prompts out of the loss.
+        later lessons use to mask prompts out of the loss. The options (lesson 08 on):
+
+        - ``attention_mask`` [B, S] (True/1 = real token, False/0 = left padding; S = T, or
+          ``cache.pos + T`` with a cache): padded keys are never attended to, and positions
+          count real tokens only (``nblib.kvcache.positions_from_mask``).
+        - ``positions`` [B, T] or [T]: the position of each token, instead.
+        - ``cache``: a ``KVCache``; only the new tokens are run, attending to the cached ones.
+        - ``return_hidden=True``: also return the final hidden states [B, T, n_embd] (after
+          ``ln_f``), for a reward or value head: ``(logits, loss, hidden)``.
+        - ``reduction="none"``: the loss per token [B, T] (0 where the target is -100).
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}; "
+        start = 0 if cache is None else cache.pos
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size={self.config.block_size}; "
                              "crop it (nblib.sample.generate does)")
-        pos = torch.arange(T, device=idx.device)
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"{start + T} positions do not fit: the cache holds at most {cache.max_len}")
+        pos = token_positions(self.config, idx, start, attention_mask, positions)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        if cache is None and attention_mask is None:
+            for block in self.transformer.h:
+                x = block(x)  # lesson 06's block: plain causal attention
+        else:
+            mask, is_causal = causal_mask(T, start, attention_mask, idx.device)
+            for layer, block in enumerate(self.transformer.h):  # Block.forward, with a mask and a cache
+                x = x + block.attn.attend(block.ln_1(x), mask, is_causal, cache, layer)
+                x = x + block.mlp(block.ln_2(x))
+            if cache is not None:
+                cache.pos += T
+        hidden = self.transformer.ln_f(x)
+        logits = self.lm_head(hidden)
+        loss = None if targets is None else lm_loss(logits, targets, reduction)
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
 
     # ---- sizes -----------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -170,13 +210,18 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward), the Kaplan/PaLM estimate.
+        """Training FLOPs per token (forward + backward) at ``seq_len`` (default: block_size),
+        the Kaplan/PaLM estimate ``6N + 12 * n_layer * n_embd * T``.
 
         Each weight does one multiply-add per token in the forward pass (2 FLOPs) and two
-        in the backward (4 FLOPs): 6 per weight. The weights that do matmuls are the
-        non-embedding ones plus ``lm_head`` (which is ``wte``); the position embedding is
-        a lookup. Attention adds ``q @ k^T`` and ``att @ v``: 2 * 2 * T * n_embd per layer
-        forward, times 3 with the backward, i.e. 12 * n_layer * n_embd * T.
+        in the backward (4 FLOPs): 6 per weight. N is the non-embedding parameters plus
+        ``lm_head`` (which is ``wte``); the position embedding is a lookup. N also counts
+        the biases and LayerNorm gains, which do no matmul (0.8% of N at n_embd=128, 0.1%
+        for GPT-2 small): the estimate is that much above the matmul FLOPs that
+        ``torch.utils.flop_counter.FlopCounterMode`` counts (tests/test_gpt.py). Attention
+        adds ``q @ k^T`` and ``att @ v`` over all T keys (the causal mask's zeros included,
+        as the fused kernels compute them): 2 * 2 * T * n_embd per layer forward, times 3
+        with the backward, i.e. 12 * n_layer * n_embd * T.
         """
         T = seq_len or self.config.block_size
         c = self.config
@@ -295,4 +340,42 @@ def save_hf_dir(model: GPT, path: str | Path) -> Path:
     state = to_hf_state_dict(model)
     state.pop("lm_head.weight")  # tied to wte; HF re-ties it on load
     return write_hf_dir(path, hf_config_dict(model.config), state)
+
+
+# The names nblib.llama uses, so that later lessons load and save either family alike.
+load_hf = from_hf_dir
+save_hf = save_hf_dir
+
+
+# ---- shared by both model families (nblib.llama imports these) ----------------------
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits`` [B, T, V] against ``targets`` [B, T], ignoring targets of -100.
+
+    ``reduction="mean"``: the mean over the targets that are not -100 (a scalar);
+    ``"none"``: one loss per token [B, T], 0 where the target is -100 (for masked sums).
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none' (per token), got {reduction!r}")
+    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           reduction=reduction)
+    return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+def token_positions(config, idx: torch.Tensor, start: int, attention_mask: torch.Tensor | None,
+               positions: torch.Tensor | None) -> torch.Tensor:
+    """Positions of the new tokens: given, counted from the mask, or start ... start + T - 1."""
+    B, T = idx.shape
+    if positions is not None:
+        if positions.shape not in ((B, T), (T,)):
+            raise ValueError(f"positions must be [B, T] = {[B, T]} or [T], got {list(positions.shape)}")
+        if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < config.block_size:
+            raise ValueError(f"positions must lie in 0 ... block_size - 1 = {config.block_size - 1}, "
+                             f"got {int(positions.min())} ... {int(positions.max())}")
+        return positions
+    if attention_mask is None:
+        return torch.arange(start, start + T, device=idx.device)  # [T], the same for every row
+    if attention_mask.shape != (B, start + T):
+        raise ValueError(f"attention_mask must be [B, cache.pos + T] = {[B, start + T]} (every token so far), "
+                         f"got {list(attention_mask.shape)}")
+    return positions_from_mask(attention_mask)[:, start:]
 

@@ -13,7 +13,11 @@ What changes from GPT-2 (lesson 06), one idea each:
 - no biases in any linear layer.
 
 For inference, ``KVCache`` keeps every layer's keys and values so that generation runs
-the model on one new token per step (``generate(..., use_cache=True)``).
+the model on one new token per step (``generate(..., use_cache=True)``). It lives in
+``nblib.kvcache`` (``nblib.gpt.GPT`` uses it too) and is importable from here.
+
+The forward pass takes the same keyword options as ``nblib.gpt.GPT``'s (lesson 08 on):
+``attention_mask`` for left padding, ``positions``, ``return_hidden``, ``reduction``.
 
 The module and parameter names are those of Hugging Face's ``LlamaForCausalLM``, so
 ``save_hf`` writes a directory (``config.json`` + ``model.safetensors``) that
@@ -36,7 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nblib.gpt import lm_loss, token_positions
 from nblib.hf_dir import check_special_tokens, read_hf_config, read_hf_weights, write_hf_dir
+from nblib.kvcache import KVCache, causal_mask
 from nblib import sample  # lesson 06's sampler: the generators here choose tokens with it
 
 POS_EMBS = ("rope", "learned")
@@ -149,37 +155,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-class KVCache:
-    """Every layer's keys and values for the tokens seen so far, preallocated.
-
-    ``k`` and ``v`` are [n_layer, B, n_kv_heads, max_len, head_dim]; ``pos`` is how many
-    positions are filled. The model writes a layer's new keys/values with ``update`` and
-    moves ``pos`` on once all layers have seen the new tokens.
-    """
-
-    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        max_len = config.block_size if max_len is None else max_len
-        if max_len > config.block_size:
-            raise ValueError(f"max_len={max_len} is longer than the model's block_size={config.block_size}")
-        shape = (config.n_layer, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v [B, n_kv_heads, T, d]; return all keys/values so far."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
-
-
 def kv_cache_bytes_per_token(n_layer: int, n_kv_heads: int, head_dim: int, bytes_per_value: int = 2) -> int:
     """Memory the KV cache needs per token: a key and a value vector per kv head per layer."""
     return 2 * n_layer * n_kv_heads * head_dim * bytes_per_value
@@ -198,24 +173,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.n_embd, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, is_causal: bool = True):
+        """``cos``/``sin``: [T, d], or [B, 1, T, d] when each row has its own positions.
+        ``mask``/``is_causal``: which keys each query sees (``nblib.kvcache.causal_mask``);
+        the default is plain causal attention, which is right without a cache."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.use_rope:  # rotate queries and keys, never values
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            mask, causal = None, True
-        else:
-            start = cache.pos
-            k, v = cache.update(layer, k, v)
-            # query t (at position start + t) sees keys 0 .. start + t; one new token sees all
-            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-            causal = False
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # every key and value so far
         n_rep = self.n_head // self.n_kv_heads
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -261,8 +234,8 @@ class Block(nn.Module):
         mlp = SwiGLU if config.mlp == "swiglu" else GeluMLP
         self.mlp = mlp(config.n_embd, config.ffn_hidden)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None, is_causal=True):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask, is_causal)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -273,6 +246,7 @@ class Llama(nn.Module):
 
     ``forward(idx, targets=None, cache=None) -> (logits, loss)`` as every course model;
     with a ``KVCache`` it processes only the new tokens and attends to the cached ones.
+    Keyword options as ``nblib.gpt.GPT.forward``'s (padding, positions, hidden states).
     """
 
     def __init__(self, config: LlamaConfig):
@@ -305,30 +279,66 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self) -> int:
-        """Number of parameters (a tied matrix counted once)."""
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Number of parameters (a tied matrix counted once).
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        ``exclude_embeddings`` leaves out the input tables, ``embed_tokens`` (with tied
+        embeddings that is ``lm_head`` too, as in ``nblib.gpt.GPT``) and ``embed_positions``
+        if there is one; an untied ``lm_head`` is a matmul and stays counted.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied tensor once
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+            if "embed_positions" in self.model:
+                n -= self.model.embed_positions.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward) at ``seq_len`` (default: block_size):
+        ``6N + 12 * n_layer * n_embd * T``, as ``nblib.gpt.GPT.flops_per_token``.
+
+        N is every weight that multiplies activations once per token: the non-embedding
+        parameters and ``lm_head`` (tied or not); the norm gains are counted in N though
+        they do no matmul (a fraction 1/n_embd or so of N). Grouped-query attention
+        shrinks k_proj and v_proj (fewer weights) but not the attention itself: every query
+        head still scores T keys of head_dim, so q @ k^T and att @ v cost 2 * 2 * T * n_embd
+        per layer forward, 12 * n_layer * n_embd * T with the backward.
+        """
+        T = seq_len or self.config.block_size
+        c = self.config
+        n = self.num_params(exclude_embeddings=True)
+        if c.tie_embeddings:
+            n += self.lm_head.weight.numel()  # the tied table is also the output matmul
+        return 6 * n + 12 * c.n_layer * c.n_embd * T
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None, *,
+                attention_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                return_hidden: bool = False, reduction: str = "mean"):
+        """``(logits, loss)``, with the options of ``nblib.gpt.GPT.forward`` (see there):
+        ``attention_mask`` [B, S] for left padding (RoPE then rotates each row by its own
+        positions), ``positions``, ``return_hidden`` (after the final norm), ``reduction``."""
         B, T = idx.shape
         start = 0 if cache is None else cache.pos
         limit = self.config.block_size if cache is None else cache.max_len
         if start + T > limit:
             raise ValueError(f"{start + T} positions do not fit: the model (or cache) holds at most {limit}")
+        pos = token_positions(self.config, idx, start, attention_mask, positions)
         x = self.model.embed_tokens(idx)
         if self.config.pos_emb == "learned":
-            x = x + self.model.embed_positions(torch.arange(start, start + T, device=idx.device))
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            x = x + self.model.embed_positions(pos)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, d], or [B, T, d] per row
+        if pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, d]: the same angles for every head
+        mask, is_causal = causal_mask(T, start, attention_mask, idx.device)
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, cache, i)
+            x = block(x, cos, sin, cache, i, mask, is_causal)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.model.norm(x))
-        loss = None
-        if targets is not None:
-            # targets of -100 are ignored, as in lesson 06 (later lessons mask prompts that way)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        hidden = self.model.norm(x)
+        logits = self.lm_head(hidden)
+        # targets of -100 are ignored, as in lesson 06 (later lessons mask prompts that way)
+        loss = None if targets is None else lm_loss(logits, targets, reduction)
+        return (logits, loss, hidden) if return_hidden else (logits, loss)
 
 
 # ---------------------------------------------------------------------------- generation
