@@ -17,6 +17,7 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``sample``: temperature, top-k, top-p sampling (06 on)
 - ``llama``: the Llama-style model: RMSNorm, RoPE, SwiGLU, GQA, KV cache, export (07)
 - ``kvcache``: the KV cache and the padding-aware causal masks both model families share (07 on)
+- ``engine``: batched generation with log-probs (left padding, KV cache, stop tokens, n samples per prompt), sequence log-probs (08 on)
 - ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """

@@ -53,6 +53,17 @@ def check_temperature(temperature: float) -> None:
                          f"own probabilities), got {temperature}")
 
 
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """The logits whose softmax is the distribution a token is drawn from: ``logits / temperature``
+    (in float32), then top-k / top-p filtered (``-inf`` outside). For a temperature above 0;
+    temperature 0 is greedy and has no distribution to draw from."""
+    check_temperature(temperature)
+    if temperature == 0:
+        raise ValueError("temperature 0 is greedy decoding (argmax): there is no distribution to sample from")
+    return filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+
+
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of ``logits`` [B, vocab] -> LongTensor [B, 1].
@@ -66,8 +77,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int
     check_temperature(temperature)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    probs = F.softmax(logits, dim=-1)
+    probs = F.softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
     if generator is not None and generator.device != probs.device:
         # a generator draws on its own device: sample there, bring the ids back
         return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)

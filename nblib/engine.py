@@ -1,0 +1,254 @@
+"""Batched generation with log-probabilities, for both model families (lessons 08-11).
+
+Post-training samples completions from a model and then scores them: SFT looks at
+them, PPO and GRPO learn from their log-probabilities, DPO compares sequences. This
+module does both halves once:
+
+- ``generate(model, prompts, max_new_tokens, ...) -> Rollout``: many prompts at once,
+  left-padded, with a KV cache, ``num_samples`` completions per prompt, stop tokens, and
+  the log-probability of every sampled token under the distribution it was drawn from.
+- ``sequence_logprobs(model, ids, mask)``: the log-probability of given tokens under the
+  model (temperature 1), differentiable: the building block of DPO, PPO and GRPO losses.
+
+**Left padding.** Prompts of different lengths are padded on the left, so that every
+row's last prompt token is in column P - 1 and one decode step serves all rows. The
+``attention_mask`` hides the padding from attention and from the position count
+(``nblib.kvcache``): a padded row computes what the prompt alone would, up to float
+rounding.
+
+**Random numbers.** Sampling draws token t of row r as the inverse CDF of the sampling
+distribution at one uniform number ``U[r, t]``. The uniforms come from ``generator``:
+a list of one ``torch.Generator`` per row (row r draws ``max_new_tokens`` numbers from its
+own, so a row's tokens depend on nothing else in the batch: run alone with a generator
+seeded alike, a prompt gives the same tokens), or one generator (``U`` is drawn from it
+as one [rows, max_new_tokens] tensor), or None (the global RNG, so ``torch.manual_seed``
+decides).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch.nn import functional as F
+
+from nblib import sample
+from nblib.kvcache import KVCache
+
+
+@dataclass
+class Rollout:
+    """Prompts and their completions, one row per sample, rows grouped by prompt.
+
+    Rows ``i * num_samples ... (i + 1) * num_samples - 1`` are prompt i's samples. Columns
+    ``0 ... P - 1`` hold the left-padded prompts, the rest the generated tokens.
+    """
+
+    ids: torch.Tensor  # [N, P + T] prompts (left-padded), then generated tokens; pad_id elsewhere
+    attention_mask: torch.Tensor  # [N, P + T] bool: real tokens (prompt and generated, the stop token too)
+    completion_mask: torch.Tensor  # [N, P + T] bool: generated tokens, the stop token included, nothing after
+    logprobs: torch.Tensor  # [N, P + T] float: log-prob of each generated token where it was drawn, 0 elsewhere
+    finished: torch.Tensor  # [N] bool: the row produced a stop token
+    prompt_len: int  # P
+
+    def completions(self) -> list[list[int]]:
+        """The generated ids of each row, without the stop token."""
+        out = []
+        for row, mask, done in zip(self.ids.tolist(), self.completion_mask.tolist(), self.finished.tolist()):
+            tokens = [t for t, m in zip(row, mask) if m]
+            out.append(tokens[:-1] if done else tokens)
+        return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """log p(token) under the distribution ``generate`` samples from: ``logits`` [..., V]
+    divided by ``temperature`` and filtered (``nblib.sample.sampling_logits``).
+
+    Temperature 0 (greedy) has no such distribution; its tokens get their log-prob
+    under the model's own, unfiltered softmax (temperature 1).
+    """
+    if temperature == 0:
+        logits = logits.float()
+    else:
+        logits = sample.sampling_logits(logits, temperature, top_k, top_p)
+    return logits.log_softmax(dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask)`` [B, P]: each prompt right-aligned in P = the longest length."""
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), P, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[row, P - len(prompt):] = torch.as_tensor(prompt, dtype=torch.long)
+            mask[row, P - len(prompt):] = True
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, num_samples: int = 1,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             stop_tokens: int | Iterable[int] | None = None, pad_id: int = 0,
+             generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             use_cache: bool = True) -> Rollout:
+    """Sample ``num_samples`` completions of up to ``max_new_tokens`` tokens for every prompt.
+
+    - ``prompts``: token-id lists (or 1-D tensors), each at least one token long.
+    - ``temperature`` 0 is greedy; else tokens are drawn from ``softmax(logits / temperature)``
+      restricted to the top-k / top-p set, and ``Rollout.logprobs`` are log-probs under that
+      distribution (greedy: under the model's unfiltered softmax; see ``token_logprobs``).
+    - ``stop_tokens``: a row that produces one is finished: the stop token is kept (in both
+      masks), everything after it is ``pad_id`` with masks False and log-prob 0. Generation
+      ends when every row has finished, so the rollout may be shorter than ``max_new_tokens``.
+    - ``generator``: one per row, one for all, or None; see the module docstring.
+    - ``use_cache=False`` runs the whole sequence at every step (slow; a reference).
+    The model runs in eval mode (its mode is restored after) and without gradients. The
+    prompt plus ``max_new_tokens`` must fit the model's context: the cache holds that many
+    positions, and cropping would change what the model sees.
+    """
+    prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
+    _check_arguments(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, pad_id)
+    stop = torch.tensor(sorted(_stop_set(stop_tokens)), dtype=torch.long)
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, P = ids.shape
+    N, total = B * num_samples, P + max_new_tokens
+    uniforms = None if temperature == 0 else _uniforms(generator, N, max_new_tokens).to(device)
+    # the whole rollout, filled column by column; columns past the end are cut off at the end
+    ids = torch.cat([ids, torch.full((B, max_new_tokens), pad_id, device=device)], dim=1).repeat_interleave(num_samples, 0)
+    mask = torch.cat([mask, torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
+    mask = mask.repeat_interleave(num_samples, 0)
+    logprobs = torch.zeros(N, total, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    stop = stop.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = None
+        if use_cache:
+            param = next(model.parameters())
+            cache = KVCache(model.config, B, max_len=total, device=device, dtype=param.dtype)
+        # prefill: each distinct prompt once, then its keys/values are copied num_samples times
+        logits = model(ids[::num_samples, :P], cache=cache, attention_mask=mask[::num_samples, :P])[0][:, -1]
+        logits = logits.repeat_interleave(num_samples, 0)
+        if cache is not None:
+            cache.repeat_rows(num_samples)
+        end = P
+        for t in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(dim=-1)
+            else:
+                token = _draw(sample.sampling_logits(logits, temperature, top_k, top_p), uniforms[:, t])
+            alive = ~finished
+            ids[:, P + t] = torch.where(alive, token, pad_id)
+            mask[:, P + t] = alive
+            logprobs[:, P + t] = torch.where(alive, token_logprobs(logits, token, temperature, top_k, top_p), 0.0)
+            end = P + t + 1
+            if len(stop):
+                finished = finished | (alive & torch.isin(token, stop))
+                if bool(finished.all()):  # one sync per step, only when there are stop tokens
+                    break
+            if t + 1 == max_new_tokens:
+                break
+            if cache is not None:  # decode: the newest token only, attending to the cache
+                logits = model(ids[:, end - 1:end], cache=cache, attention_mask=mask[:, :end])[0][:, -1]
+            else:
+                logits = model(ids[:, :end], attention_mask=mask[:, :end])[0][:, -1]
+    finally:
+        model.train(was_training)
+    completion = mask.clone()
+    completion[:, :P] = False
+    return Rollout(ids=ids[:, :end], attention_mask=mask[:, :end], completion_mask=completion[:, :end],
+                   logprobs=logprobs[:, :end], finished=finished, prompt_len=P)
+
+
+def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed [N], per_token [N, T])``: log p(ids[:, t] | ids[:, :t]) under ``model`` (temperature 1).
+
+    ``per_token[:, t]`` is that log-prob where ``mask[:, t]`` is True and 0 elsewhere;
+    ``summed`` adds them up per row. Position 0 has nothing before it, so no prediction:
+    ``mask[:, 0]`` is ignored (0 there). ``attention_mask`` [N, T] (True = real token) for
+    left-padded rows, as ``Rollout.attention_mask``. It runs the model in its current mode
+    and keeps gradients: call ``model.eval()`` and ``torch.no_grad()`` for a frozen
+    reference model.
+    """
+    N, T = ids.shape
+    if mask.shape != ids.shape:
+        raise ValueError(f"mask must have the shape of ids {list(ids.shape)}, got {list(mask.shape)}")
+    if T < 2:
+        zeros = torch.zeros(N, T, device=ids.device)
+        return zeros.sum(-1), zeros
+    # logits at t predict token t + 1: run all but the last token, score ids[:, 1:]
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
+    inputs_mask = None if attention_mask is None else attention_mask[:, :-1]
+    _, loss = model(ids[:, :-1], targets, attention_mask=inputs_mask, reduction="none")
+    per_token = torch.cat([torch.zeros_like(loss[:, :1]), -loss], dim=1)
+    return per_token.sum(-1), per_token
+
+
+# ---- helpers -----------------------------------------------------------------------
+
+def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` [N, V], at uniform ``u`` [N] of the inverse CDF.
+
+    The first token whose cumulative probability exceeds u (scaled by the total, which is
+    1 up to rounding); a token of probability 0 is never the first to exceed it.
+    """
+    cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)
+    below = cdf <= (u.double() * cdf[:, -1])[:, None]
+    return below.sum(dim=-1).clamp(max=logits.size(-1) - 1)
+
+
+def _uniforms(generator, n_rows: int, n_steps: int) -> torch.Tensor:
+    """[n_rows, n_steps] uniform numbers in [0, 1), float64; see the module docstring."""
+    if generator is None:
+        return torch.rand(n_rows, n_steps, dtype=torch.float64)
+    if isinstance(generator, torch.Generator):
+        return torch.rand(n_rows, n_steps, generator=generator, dtype=torch.float64, device=generator.device)
+    generators = list(generator)
+    if len(generators) != n_rows:
+        raise ValueError(f"{len(generators)} generators for {n_rows} rows (prompts x num_samples): pass one "
+                         "per row, a single generator, or None")
+    return torch.stack([torch.rand(n_steps, generator=g, dtype=torch.float64, device=g.device).cpu()
+                        for g in generators])
+
+
+def _stop_set(stop_tokens) -> set[int]:
+    if stop_tokens is None:
+        return set()
+    if isinstance(stop_tokens, int):
+        return {stop_tokens}
+    return {int(t) for t in stop_tokens}
+
+
+def _check_arguments(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, pad_id) -> None:
+    """Refuse bad arguments before any forward pass, saying what to do instead."""
+    sample.check_temperature(temperature)
+    if temperature > 0:
+        sample.filter_logits(torch.zeros(1, 2), top_k, top_p)  # raises on a bad top_k / top_p
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of token-id lists")
+    vocab, block_size = model.config.vocab_size, model.config.block_size
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty: start it with a token, e.g. the model's bos/eos token")
+        if not all(0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary 0 ... {vocab - 1}")
+    if not 0 <= pad_id < vocab:
+        raise ValueError(f"pad_id={pad_id} is not a token of the {vocab}-token vocabulary (the model reads it, "
+                         "masked); use any valid id, e.g. 0 or the eos token")
+    P = max(len(p) for p in prompts)
+    if P > block_size:
+        raise ValueError(f"the longest prompt has {P} tokens, more than the model's context of {block_size}; "
+                         f"crop prompts to their last {block_size} - max_new_tokens tokens")
+    if P + max_new_tokens > block_size:
+        raise ValueError(f"the longest prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{P + max_new_tokens} is more than the model's context of {block_size}: ask for "
+                         f"at most {block_size - P} new tokens, or crop the prompts")
