@@ -236,3 +236,124 @@ def test_write_hf_dir_insists_on_the_special_tokens(tmp_path):
 
     with pytest.raises(ValueError, match=r"config.json needs \['bos_token_id', 'eos_token_id'\]"):
         write_hf_dir(tmp_path, {"model_type": "gpt2", "vocab_size": 3}, {})
+
+
+# ---------------------------------------------------------------- the contract later lessons use
+
+def test_left_padding_equals_hf_with_mask_and_position_ids_and_each_row_alone():
+    hf = hf_model(seed=13)
+    ours = load_hf_state_dict(GPT(CFG), hf.state_dict()).eval()
+    # rows of different lengths: 10, 4 and 7 real tokens, left-padded to 10
+    idx = tokens(B=3, T=10, seed=14)
+    padded, mask = idx.clone(), torch.ones(3, 10, dtype=torch.bool)
+    for b, pad in enumerate((0, 6, 3)):
+        padded[b, :pad], mask[b, :pad] = 0, False
+    with torch.no_grad():
+        logits, _, hidden = ours(padded, attention_mask=mask, return_hidden=True)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = hf(padded, attention_mask=mask.long(), position_ids=position_ids, output_hidden_states=True)
+        for b, pad in enumerate((0, 6, 3)):
+            alone, _ = ours(idx[b:b + 1, pad:])
+            torch.testing.assert_close(logits[b:b + 1, pad:], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[mask], out.logits[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[mask], out.hidden_states[-1][mask], atol=1e-5, rtol=0)  # after ln_f
+    assert torch.isfinite(logits).all()  # padded positions too (they see only themselves)
+
+
+def test_explicit_positions_equal_hf_position_ids():
+    hf = hf_model(seed=15)
+    ours = load_hf_state_dict(GPT(CFG), hf.state_dict()).eval()
+    idx = tokens(B=2, T=8, seed=16)
+    positions = torch.stack([torch.arange(8) + 5, torch.arange(8) * 2])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx, positions=positions)[0], hf(idx, position_ids=positions).logits,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(idx, positions=torch.arange(8))[0], ours(idx)[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="positions must lie in 0 ... block_size - 1 = 23"):
+        ours(idx, positions=torch.arange(8) + 20)
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        ours(idx, attention_mask=torch.ones(2, 9, dtype=torch.bool))
+
+
+def test_return_hidden_and_per_token_loss():
+    torch.manual_seed(17)
+    model = GPT(CFG).eval()
+    idx = tokens(B=2, T=9, seed=18)
+    targets = tokens(B=2, T=9, seed=19)
+    targets[0, :4] = -100  # a masked prompt
+    logits, mean, hidden = model(idx, targets, return_hidden=True)
+    assert hidden.shape == (2, 9, CFG.n_embd)
+    torch.testing.assert_close(model.lm_head(hidden), logits, atol=0, rtol=0)
+    _, per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (2, 9) and (per_token[0, :4] == 0).all() and (per_token[targets != -100] > 0).all()
+    want = torch.nn.functional.cross_entropy(logits[targets != -100], targets[targets != -100], reduction="none")
+    torch.testing.assert_close(per_token[targets != -100], want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(per_token.sum() / (targets != -100).sum(), mean, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'none'"):
+        model(idx, targets, reduction="sum")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_kv_cache_in_chunks_equals_one_full_pass(padded):
+    from nblib.kvcache import KVCache
+
+    torch.manual_seed(20)
+    model = GPT(CFG).eval()
+    idx = tokens(B=2, T=20, seed=21)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    if padded:
+        mask[0, :5] = False
+    kw = lambda end: dict(attention_mask=mask[:, :end]) if padded else {}
+    cache = KVCache(model.config, batch_size=2, max_len=20)
+    with torch.no_grad():
+        full, _ = model(idx, **kw(20))
+        parts = [model(idx[:, a:b], cache=cache, **kw(b))[0] for a, b in ((0, 7), (7, 8), (8, 15), (15, 20))]
+    assert cache.pos == 20
+    got = torch.cat(parts, dim=1)
+    torch.testing.assert_close(got[mask], full[mask], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at most 20"):
+        model(idx[:, :1], cache=cache)
+
+
+def test_hf_load_and_save_have_the_llama_names(tmp_path):
+    import nblib.gpt as gpt
+
+    assert gpt.load_hf is gpt.from_hf_dir and gpt.save_hf is gpt.save_hf_dir
+    torch.manual_seed(22)
+    ours = GPT(CFG).eval()
+    gpt.save_hf(ours, tmp_path)
+    idx = tokens(seed=23)
+    torch.testing.assert_close(gpt.load_hf(tmp_path)(idx)[0], ours(idx)[0], atol=0, rtol=0)
+
+
+def counted_training_flops(model, B, T):
+    """FLOPs that FlopCounterMode counts for one forward + backward of a [B, T] batch, per token.
+
+    The math SDPA kernel is forced: PyTorch's fused CPU attention kernel has no FLOP formula
+    registered and would count as 0; the math one is matmuls (bmm) that it counts.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    idx = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return counter.get_total_flops() / (B * T)
+
+
+def test_num_params_and_flops_per_token_against_independent_counts():
+    cfg = GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=128)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    blocks = sum(p.numel() for m in (model.transformer.h, model.transformer.ln_f) for p in m.parameters())
+    assert model.num_params(exclude_embeddings=True) == blocks
+    tables = model.transformer.wte.weight.numel() + model.transformer.wpe.weight.numel()
+    assert model.num_params() == blocks + tables
+    # biases and LayerNorm gains/biases: counted in 6N, but they do no matmul
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    for T in (64, 16):
+        counted = counted_training_flops(model, 2, T)
+        ours = model.flops_per_token(T)
+        assert abs(ours - counted) / counted < 0.01, (T, ours, counted)  # 0.78% at T=64, 0.84% at T=16
+        assert ours - counted == 6 * vectors  # and that is the whole difference

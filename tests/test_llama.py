@@ -307,3 +307,105 @@ def test_export_writes_the_model_own_special_tokens(tmp_path, special):
     assert llama.load_hf(tmp_path).config == model.config
     with pytest.raises(ValueError, match="bos_token_id=37 is not a token of a 37-token vocabulary"):
         tiny_config(bos_token_id=37)
+
+
+# ---------------------------------------------------------------- the contract later lessons use
+
+def padded_batch(idx, pads):
+    """``idx`` [B, T] with the first pads[b] tokens of row b replaced by left padding (0)."""
+    padded, mask = idx.clone(), torch.ones_like(idx, dtype=torch.bool)
+    for b, pad in enumerate(pads):
+        padded[b, :pad], mask[b, :pad] = 0, False
+    return padded, mask
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_left_padding_equals_transformers_and_each_row_alone(n_kv_heads):
+    hf = tiny_hf(n_kv_heads, seed=4)
+    ours = llama.from_hf(hf).eval()
+    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(5))
+    pads = (0, 7, 3)
+    padded, mask = padded_batch(idx, pads)
+    with torch.no_grad():
+        logits, _, hidden = ours(padded, attention_mask=mask, return_hidden=True)
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = hf(padded, attention_mask=mask.long(), position_ids=position_ids, output_hidden_states=True)
+        for b, pad in enumerate(pads):  # RoPE rotates each row by its own positions
+            torch.testing.assert_close(logits[b:b + 1, pad:], ours(idx[b:b + 1, pad:])[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[mask], out.logits[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden[mask], out.hidden_states[-1][mask], atol=1e-5, rtol=0)  # after the norm
+    assert torch.isfinite(logits).all()
+
+
+def test_explicit_positions_equal_transformers_position_ids():
+    hf = tiny_hf(seed=6)
+    ours = llama.from_hf(hf).eval()
+    idx = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(7))
+    positions = torch.stack([torch.arange(9) + 30, torch.arange(9) * 3])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx, positions=positions)[0], hf(idx, position_ids=positions).logits,
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="positions must lie in 0 ... block_size - 1 = 47"):
+        ours(idx, positions=torch.arange(9) + 40)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pos_emb="learned", norm="layer", mlp="gelu", tie_embeddings=True)])
+def test_padding_and_cache_with_either_position_scheme(kw):
+    torch.manual_seed(8)
+    model = llama.Llama(tiny_config(**kw)).eval()
+    idx = torch.randint(0, 37, (2, 20), generator=torch.Generator().manual_seed(9))
+    padded, mask = padded_batch(idx, (6, 0))
+    cache = llama.KVCache(model.config, batch_size=2, max_len=20)
+    with torch.no_grad():
+        full, _ = model(padded, attention_mask=mask)
+        parts = [model(padded[:, a:b], cache=cache, attention_mask=mask[:, :b])[0]
+                 for a, b in ((0, 9), (9, 10), (10, 20))]
+        alone, _ = model(idx[:1, 6:])
+    torch.testing.assert_close(torch.cat(parts, dim=1)[mask], full[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[:1, 6:], alone, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, cache.pos \+ T\] = \[2, 1\]"):
+        model(padded[:, :1], cache=llama.KVCache(model.config, 2), attention_mask=mask[:, :19])
+
+
+def test_per_token_loss_and_hidden_states():
+    torch.manual_seed(10)
+    model = llama.Llama(tiny_config()).eval()
+    idx = torch.randint(0, 37, (2, 8))
+    targets = torch.randint(0, 37, (2, 8))
+    targets[1, 5:] = -100
+    logits, mean, hidden = model(idx, targets, return_hidden=True)
+    torch.testing.assert_close(model.lm_head(hidden), logits, atol=0, rtol=0)
+    _, per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (2, 8) and (per_token[1, 5:] == 0).all()
+    torch.testing.assert_close(per_token.sum() / 13, mean, atol=1e-6, rtol=1e-6)
+
+
+def counted_training_flops(model, B, T):
+    """FlopCounterMode's count for one forward + backward of a [B, T] batch, per token (with the
+    math SDPA kernel: the fused CPU kernel has no FLOP formula registered and counts 0)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    idx = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return counter.get_total_flops() / (B * T)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(tie_embeddings=True, n_kv_heads=1),
+                                dict(pos_emb="learned", norm="layer", mlp="gelu", tie_embeddings=True)])
+def test_num_params_and_flops_per_token_against_independent_counts(kw):
+    torch.manual_seed(0)
+    model = llama.Llama(tiny_config(vocab_size=256, block_size=64, n_embd=128, n_head=4, **kw))
+    body = sum(p.numel() for m in (model.model.layers, model.model.norm) for p in m.parameters())
+    head = 0 if model.config.tie_embeddings else model.lm_head.weight.numel()
+    assert model.num_params(exclude_embeddings=True) == body + head
+    tables = sum(p.numel() for m in model.model.values() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    assert model.num_params() == body + head + tables
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # gains: in 6N, no matmul
+    for T in (64, 16):
+        counted = counted_training_flops(model, 2, T)
+        ours = model.flops_per_token(T)
+        assert abs(ours - counted) / counted < 0.01, (T, ours, counted)
+        assert ours - counted == 6 * norms
