@@ -7,10 +7,18 @@ The model only has to follow the course contract: ``model.config`` is a dataclas
   norm gains (decaying those only hurts); embeddings optionally excluded too;
 - learning rate: linear warmup, then cosine decay to ``min_lr`` (``lr_at``);
 - gradient clipping by global norm, gradient accumulation (a big batch from small ones);
-- autocast to bfloat16 where the device has it (``dtype="auto"``: CUDA with bf16);
+- autocast to bfloat16 where the device has it (``dtype="auto"``: CUDA with bf16); float16
+  with a ``GradScaler``;
 - periodic evaluation on fixed batches of train and val, a progress bar, a history of
   losses (``plot_history`` draws the curves);
 - checkpoints (``nblib.checkpoint``) and exact resume.
+
+``train`` is a loop over ``Trainer.step``, one optimizer step for any loss: post-training
+(lessons 08-11) calls ``trainer.step(micro_batches, loss_fn)`` with its own batches (chat
+examples, preference pairs, rollouts) and its own ``loss_fn(model, batch) -> (loss, metrics)``,
+and gets the same schedule, clipping, accumulation, autocast, history and checkpoints.
+The losses stay on the device as tensors and are read back every ``log_interval`` steps:
+reading a GPU number waits for the GPU, and doing that at every micro-step would idle it.
 
 **Why a resumed run equals one that never stopped.** Every random choice is either
 restored from the checkpoint or recomputed from numbers the checkpoint holds:
@@ -27,6 +35,7 @@ import dataclasses
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -61,9 +70,10 @@ class TrainConfig:
     seed: int = 1337  # batches and nothing else (the model's init is the caller's)
     checkpoint_path: str | None = None  # where to save; None: no checkpoints
     checkpoint_interval: int | None = None  # steps between saves; None: eval_interval
+    log_interval: int = 10  # read losses back from the device every this many steps (History has every step)
 
     # fields that may differ between a run and its resumption
-    _RESUMABLE_CHANGES = ("checkpoint_path", "checkpoint_interval")
+    _RESUMABLE_CHANGES = ("checkpoint_path", "checkpoint_interval", "log_interval")
 
 
 @dataclass
@@ -79,6 +89,11 @@ class History:
     val: list[float] = field(default_factory=list)  # mean loss on fixed val batches
     tokens_per_step: int = 0
     seconds: float = 0.0  # training wall time, summed over resumptions
+    # what a loss_fn reports besides the loss, e.g. {"accuracy": [...]}: one value per step
+    # (the mean over micro-batches; NaN where a step did not report it)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    # per evaluation (eval_step): "train/<name>", "val/<name>" from loss_fn, and eval_fn's results
+    eval_metrics: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,17 +141,56 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
+def resolve_dtype(device: torch.device, dtype: str = "auto") -> str:
+    """``dtype`` with "auto" decided: bfloat16 on a CUDA device that has it, else float32."""
+    if dtype == "auto":
+        bf16 = torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bfloat16" if bf16 else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return dtype
+
+
 def autocast_context(device: torch.device, dtype: str = "auto"):
     """The autocast context for ``dtype`` on ``device`` (a no-op for float32)."""
     device = torch.device(device)
-    if dtype == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = "bfloat16" if bf16 else "float32"
+    dtype = resolve_dtype(device, dtype)
     if dtype == "float32":
         return contextlib.nullcontext()
-    if dtype not in ("bfloat16", "float16"):
-        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def check_autocast(device: torch.device, dtype: str = "auto") -> None:
+    """Refuse a dtype that autocast would quietly ignore on this device (torch only warns
+    and runs float32): try one matmul under it and look at what comes out."""
+    device = torch.device(device)
+    want = resolve_dtype(device, dtype)
+    if want == "float32":
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the "disabling autocast" warning: we raise instead
+        with autocast_context(device, want):
+            got = (torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)).dtype
+    if got != getattr(torch, want):
+        raise ValueError(f"torch {torch.__version__} has no {want} autocast on {device.type} (a matmul stayed "
+                         f"{got}): use dtype='float32'" + (" or 'bfloat16'" if want == "float16" else ""))
+
+
+def grad_scaler(device: torch.device, dtype: str = "auto"):
+    """A ``torch.amp.GradScaler`` for float16 training, else None.
+
+    float16 has 5 exponent bits: small gradients underflow to 0. The scaler multiplies
+    the loss before the backward pass and divides the gradients after, skipping the step
+    (and lowering the scale) when that overflowed. bfloat16 has float32's range: no scaler.
+    """
+    device = torch.device(device)
+    if resolve_dtype(device, dtype) != "float16":
+        return None
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (AttributeError, TypeError, RuntimeError) as err:
+        raise ValueError(f"float16 training needs a GradScaler, which torch {torch.__version__} does not have for "
+                         f"{device.type} ({err}): use dtype='bfloat16' or 'float32'") from err
 
 
 def _derived_seed(*parts) -> int:
@@ -150,20 +204,60 @@ def batch_generator(seed: int, *where) -> torch.Generator:
     return torch.Generator().manual_seed(_derived_seed(seed, *where))
 
 
+def next_token_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+    """The default ``loss_fn``: ``batch`` is ``(x, y)``, the loss is the model's mean cross-entropy."""
+    x, y = batch
+    _, loss = model(x, y)
+    return loss, {}
+
+
+def to_device(batch, device):
+    """``batch`` with every tensor in it moved to ``device`` (tuples, lists, dicts, dataclasses)."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # namedtuples too
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    return batch
+
+
+def _loss_and_metrics(out) -> tuple[torch.Tensor, dict]:
+    """What a loss_fn returned, as ``(loss, metrics)``: a bare loss tensor means no metrics."""
+    loss, metrics = (out, {}) if torch.is_tensor(out) else out
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        raise ValueError("loss_fn must return a scalar loss tensor, or (loss, {name: scalar tensor}); got "
+                         f"{type(loss).__name__}" + (f" of shape {tuple(loss.shape)}" if torch.is_tensor(loss) else ""))
+    return loss, metrics
+
+
 @torch.no_grad()
-def estimate_loss(model: nn.Module, get_batch: Callable, cfg: TrainConfig, device) -> dict[str, float]:
-    """Mean loss over ``cfg.eval_batches`` fixed batches of each split (model in eval mode)."""
+def estimate_loss(model: nn.Module, get_batch: Callable, cfg: TrainConfig, device,
+                  loss_fn: Callable | None = None) -> dict[str, float]:
+    """Mean loss over ``cfg.eval_batches`` fixed batches of each split (model in eval mode).
+
+    Returns ``{"train": ..., "val": ...}`` and, for each metric ``loss_fn`` reports,
+    ``"train/<name>"`` and ``"val/<name>"`` (means over the same batches).
+    """
+    loss_fn = loss_fn or next_token_loss
     was_training = model.training
     model.eval()
     out = {}
     for split in ("train", "val"):
-        losses = []
+        losses, metrics = [], {}
         for i in range(cfg.eval_batches):
-            x, y = get_batch(split, batch_generator(cfg.seed, "eval", split, i))
+            batch = get_batch(split, batch_generator(cfg.seed, "eval", split, i))
             with autocast_context(device, cfg.dtype):
-                _, loss = model(x.to(device), y.to(device))
+                loss, named = _loss_and_metrics(loss_fn(model, to_device(batch, device)))
             losses.append(loss.item())
+            for name, value in named.items():
+                metrics.setdefault(name, []).append(float(value))
         out[split] = sum(losses) / len(losses)
+        out.update({f"{split}/{name}": sum(v) / len(v) for name, v in metrics.items()})
     model.train(was_training)
     return out
 
@@ -172,9 +266,161 @@ def _train_config_dict(cfg: TrainConfig) -> dict:
     return {k: v for k, v in checkpoint.config_dict(cfg)["fields"].items() if k not in cfg._RESUMABLE_CHANGES}
 
 
+def _append_aligned(store: dict[str, list[float]], values: dict[str, float], length: int) -> None:
+    """Append one row of named values; a name seen for the first time is NaN before, a
+    missing one NaN now, so every list stays ``length + 1`` long."""
+    for name in set(store) | set(values):
+        column = store.setdefault(name, [math.nan] * length)
+        column.append(values.get(name, math.nan))
+
+
+class Trainer:
+    """Model, AdamW, schedule, clipping, autocast, step counter and history: a training run
+    that the caller drives one optimizer step at a time.
+
+    ``trainer.step(micro_batches, loss_fn)`` is one optimizer step: the learning rate of
+    this step (``lr_at``), then for each micro-batch ``loss, metrics = loss_fn(model,
+    batch)`` under autocast and ``(loss / n_micro).backward()``, then clipping and the
+    optimizer step (through a ``GradScaler`` for float16). ``loss_fn`` defaults to the
+    language-model loss on ``(x, y)`` batches; its metrics (a dict of scalar tensors) are
+    averaged over the micro-batches into ``history.metrics``. Batches are moved to the
+    device (``to_device``). ``history`` is read back from the device every
+    ``cfg.log_interval`` steps and whenever you read ``trainer.history``.
+
+    ``save(path)`` / ``load(path)`` checkpoint everything, RNG included; a run that loads
+    and goes on with the same batches equals one that never stopped (draw each batch
+    from ``batch_generator(cfg.seed, ..., step, micro)``, as ``train`` does).
+    ``evaluate(get_batch, loss_fn, eval_fn)`` records an evaluation; for a progress bar,
+    wrap the loop in ``nblib.progress.progress``.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: str | torch.device | None = None,
+                 tokens_per_step: int = 0):
+        self.model, self.cfg = model, cfg
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if cfg.log_interval < 1:
+            raise ValueError(f"log_interval must be >= 1, got {cfg.log_interval}")
+        check_autocast(self.device, cfg.dtype)
+        self.scaler = grad_scaler(self.device, cfg.dtype)
+        self.optimizer = configure_optimizer(model, cfg)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.steps_done = 0  # optimizer steps taken; the next step's lr is lr_at(steps_done)
+        self._history = History(tokens_per_step=tokens_per_step)
+        self._pending = []  # steps whose numbers are still tensors on the device
+
+    @property
+    def history(self) -> History:
+        """Every step so far (reading it copies pending numbers from the device)."""
+        self._flush()
+        return self._history
+
+    def step(self, micro_batches, loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``micro_batches`` (a list); returns the step's mean loss,
+        grad norm (before clipping) and metrics as tensors, without waiting for the device."""
+        loss_fn = loss_fn or next_token_loss
+        n_micro = len(micro_batches)
+        if n_micro == 0:
+            raise ValueError("step needs at least one micro-batch")
+        t0 = time.perf_counter()
+        lr = lr_at(self.steps_done, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.train()
+        losses, metrics = [], {}
+        for batch in micro_batches:
+            with autocast_context(self.device, self.cfg.dtype):
+                loss, named = _loss_and_metrics(loss_fn(self.model, to_device(batch, self.device)))
+            # the mean over micro-batches: each contributes 1/n of the gradient
+            scaled = loss / n_micro
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            losses.append(loss.detach())
+            for name, value in named.items():
+                metrics.setdefault(name, []).append(torch.as_tensor(value).detach().float())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped if a gradient overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.steps_done += 1
+        losses = torch.stack(losses)
+        metrics = {name: torch.stack(values) for name, values in metrics.items()}
+        self._pending.append((self.steps_done, lr, losses, grad_norm.detach(), metrics))
+        if self.steps_done % self.cfg.log_interval == 0:
+            self._flush()  # inside the timed region: the wait for the device is training time
+        self._history.seconds += time.perf_counter() - t0
+        return {"loss": losses.mean(), "grad_norm": grad_norm.detach(),
+                **{name: values.mean() for name, values in metrics.items()}}
+
+    def _flush(self) -> None:
+        """Copy the pending steps' numbers to the history (the one place that waits for the device)."""
+        h = self._history
+        for step, lr, losses, grad_norm, metrics in self._pending:
+            values = losses.tolist()
+            h.step.append(step)
+            h.loss.append(sum(values) / len(values))
+            h.lr.append(lr)
+            h.grad_norm.append(grad_norm.item())
+            means = {name: sum(v) / len(v) for name, v in ((n, t.tolist()) for n, t in metrics.items())}
+            _append_aligned(h.metrics, means, len(h.step) - 1)
+        self._pending = []
+
+    def evaluate(self, get_batch: Callable, loss_fn: Callable | None = None,
+                 eval_fn: Callable | None = None) -> dict[str, float]:
+        """Mean loss (and metrics) on the fixed train and val batches of ``get_batch``, plus
+        ``eval_fn(model) -> {name: float}`` if given (in eval mode); recorded at the current step."""
+        results = estimate_loss(self.model, get_batch, self.cfg, self.device, loss_fn)
+        if eval_fn is not None:
+            was_training = self.model.training
+            self.model.eval()
+            results.update(eval_fn(self.model))
+            self.model.train(was_training)
+        h = self.history
+        h.eval_step.append(self.steps_done)
+        h.train_eval.append(results["train"])
+        h.val.append(results["val"])
+        _append_aligned(h.eval_metrics, {k: v for k, v in results.items() if k not in ("train", "val")},
+                        len(h.eval_step) - 1)
+        return results
+
+    def save(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Checkpoint model, optimizer, RNG, step, history, TrainConfig (and the GradScaler)."""
+        state = {"history": self.history.to_dict(), "train_config": _train_config_dict(self.cfg)}
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return checkpoint.save_checkpoint(path, self.model, self.optimizer, step=self.steps_done,
+                                          extra={**(extra or {}), **state})
+
+    def load(self, path: str | Path) -> dict:
+        """Continue from a checkpoint that ``save`` wrote; returns its metadata.
+
+        The TrainConfig must be the one the checkpoint was saved with (apart from
+        checkpoint_path, checkpoint_interval and log_interval): another one changes the run.
+        """
+        meta = checkpoint.load_checkpoint(path, self.model, self.optimizer)
+        saved = meta["extra"].get("train_config")
+        if saved is None:
+            raise ValueError(f"{path} was not written by nblib.train (no training state to resume)")
+        ours = _train_config_dict(self.cfg)
+        if saved != ours:
+            diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+            raise ValueError(f"resuming with another TrainConfig changes the run; (checkpoint, now): {diff}")
+        self.steps_done = meta["step"]
+        self._history = History.from_dict(meta["extra"]["history"])
+        self._pending = []
+        if self.scaler is not None and "grad_scaler" in meta["extra"]:
+            self.scaler.load_state_dict(meta["extra"]["grad_scaler"])
+        return meta
+
+
 def train(model: nn.Module, train_data: torch.Tensor | None, val_data: torch.Tensor | None, cfg: TrainConfig,
           device: str | torch.device | None = None, resume: bool = False, stop_at: int | None = None,
-          get_batch: Callable | None = None, show_progress: bool = True) -> History:
+          get_batch: Callable | None = None, show_progress: bool = True, loss_fn: Callable | None = None,
+          eval_fn: Callable | None = None) -> History:
     """Train ``model`` on token streams ``train_data`` / ``val_data`` (1-D LongTensors); return the history.
 
     - ``device``: where the batches go; default: where the model's parameters are.
@@ -182,8 +428,13 @@ def train(model: nn.Module, train_data: torch.Tensor | None, val_data: torch.Ten
       optimizer, RNG, step and history come back), else start fresh.
     - ``stop_at``: stop after this many steps although the schedule runs to
       ``cfg.max_steps`` (an interruption on purpose; a checkpoint is saved there).
-    - ``get_batch(split, generator) -> (x, y)`` replaces the default random windows
-      (``nblib.text.random_batch``) for other data.
+    - ``get_batch(split, generator) -> batch`` replaces the default random windows
+      (``nblib.text.random_batch``, which give ``(x, y)``) for other data; a batch can be
+      anything ``loss_fn`` understands.
+    - ``loss_fn(model, batch) -> loss`` or ``(loss, {name: scalar tensor})``: default the
+      model's next-token loss on ``(x, y)``. Training and evaluation both use it.
+    - ``eval_fn(model) -> {name: float}``: more measurements at every evaluation, into
+      ``history.eval_metrics``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     block_size = cfg.block_size or model.config.block_size
@@ -195,72 +446,36 @@ def train(model: nn.Module, train_data: torch.Tensor | None, val_data: torch.Ten
         def get_batch(split, generator):
             return random_batch(data[split], cfg.batch_size, block_size, generator=generator)
 
-    optimizer = configure_optimizer(model, cfg)
-    history = History(tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum_steps)
-    start = 0
+    trainer = Trainer(model, cfg, device, tokens_per_step=cfg.batch_size * block_size * cfg.grad_accum_steps)
     ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else None
     if resume and ckpt is None:
         raise ValueError("resume=True needs cfg.checkpoint_path")
     if resume and ckpt.is_file():
-        meta = checkpoint.load_checkpoint(ckpt, model, optimizer)
-        saved = meta["extra"].get("train_config")
-        if saved is None:
-            raise ValueError(f"{ckpt} was not written by nblib.train.train (no training state to resume)")
-        if saved != _train_config_dict(cfg):
-            diff = {k: (saved.get(k), v) for k, v in _train_config_dict(cfg).items() if saved.get(k) != v}
-            raise ValueError(f"resuming with another TrainConfig changes the run; (checkpoint, now): {diff}")
-        start = meta["step"]
-        history = History.from_dict(meta["extra"]["history"])
+        trainer.load(ckpt)
     stop = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     save_every = cfg.checkpoint_interval or cfg.eval_interval
 
-    def save(step: int) -> None:
-        if ckpt is not None:
-            checkpoint.save_checkpoint(ckpt, model, optimizer, step=step,
-                                       extra={"history": history.to_dict(), "train_config": _train_config_dict(cfg)})
-
-    def evaluate(step: int) -> None:
-        losses = estimate_loss(model, get_batch, cfg, device)
-        history.eval_step.append(step)
-        history.train_eval.append(losses["train"])
-        history.val.append(losses["val"])
-
     model.train()
-    if start == 0 and not history.eval_step:
-        evaluate(0)  # the untrained model: about ln(vocab_size)
-    bar = progress(total=cfg.max_steps, initial=start, desc="train", **({} if show_progress else {"disable": True}))
-    params = [p for p in model.parameters() if p.requires_grad]
-    for step in range(start, stop):
-        t0 = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum_steps):
-            x, y = get_batch("train", batch_generator(cfg.seed, "train", step, micro))
-            with autocast_context(device, cfg.dtype):
-                _, loss = model(x.to(device), y.to(device))
-            # the mean over micro-batches: each contributes 1/accum of the gradient
-            (loss / cfg.grad_accum_steps).backward()
-            loss_sum += loss.item()
-        clip = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        optimizer.step()
-        history.seconds += time.perf_counter() - t0  # training time only, not eval or saving
-        done = step + 1
-        history.step.append(done)
-        history.loss.append(loss_sum / cfg.grad_accum_steps)
-        history.lr.append(lr)
-        history.grad_norm.append(grad_norm)
+    if trainer.steps_done == 0 and not trainer.history.eval_step:
+        trainer.evaluate(get_batch, loss_fn, eval_fn)  # the untrained model: about ln(vocab_size)
+    bar = progress(total=cfg.max_steps, initial=trainer.steps_done, desc="train",
+                   **({} if show_progress else {"disable": True}))
+    for step in range(trainer.steps_done, stop):
+        micro_batches = [get_batch("train", batch_generator(cfg.seed, "train", step, micro))
+                         for micro in range(cfg.grad_accum_steps)]
+        trainer.step(micro_batches, loss_fn)
+        done = trainer.steps_done
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            evaluate(done)
+            trainer.evaluate(get_batch, loss_fn, eval_fn)
+            history = trainer.history
             bar.set_postfix(loss=f"{history.loss[-1]:.3f}", val=f"{history.val[-1]:.3f}")
-        if done % save_every == 0 or done == stop:
-            save(done)
+        elif done % cfg.log_interval == 0:  # the numbers are on the host now anyway
+            bar.set_postfix(loss=f"{trainer.history.loss[-1]:.3f}")
+        if ckpt is not None and (done % save_every == 0 or done == stop):
+            trainer.save(ckpt)
         bar.update(1)
     bar.close()
-    return history
+    return trainer.history
 
 
 def plot_history(history: History, ax=None, label: str | None = None, smooth: int = 20):

@@ -160,3 +160,153 @@ def test_history_equals_the_pinned_run():
         assert len(got) == len(want), name
         # 1e-6: float32 kernels may round differently on other CPUs or torch versions
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-6, (name, got, want)
+
+
+# ---------------------------------------------------------------- Trainer: one step for any loss
+
+def masked_loss(model, batch):
+    """A loss_fn of the kind post-training uses: per-token loss, weighted, with a metric."""
+    logits, per_token = model(batch["x"], batch["y"], reduction="none")
+    w = batch["weight"]
+    accuracy = (logits.argmax(-1) == batch["y"]).float().mean()
+    return (per_token * w).sum() / w.sum(), {"accuracy": accuracy}
+
+
+def dict_batch(ids, step, micro, batch_size=4, seed=7):
+    from nblib.text import random_batch
+    from nblib.train import batch_generator
+
+    x, y = random_batch(ids, batch_size, 16, generator=batch_generator(seed, "train", step, micro))
+    return {"x": x, "y": y, "weight": torch.ones(batch_size, 16)}
+
+
+def run(trainer, ids, until, n_micro=2):
+    for step in range(trainer.steps_done, until):
+        trainer.step([dict_batch(ids, step, m) for m in range(n_micro)], masked_loss)
+
+
+def test_trainer_resume_equals_uninterrupted_with_a_custom_loss(tmp_path):
+    from nblib.train import Trainer
+
+    train_ids, _ = data()
+    cfg = TrainConfig(**{**SMALL, "log_interval": 3})
+    straight = Trainer(model(), cfg)
+    run(straight, train_ids, 8)
+    first = Trainer(model(), cfg)
+    run(first, train_ids, 5)
+    first.save(tmp_path / "t.safetensors")
+    torch.manual_seed(12345)  # a new process: dropout's RNG is elsewhere until the checkpoint restores it
+    resumed = Trainer(model(seed=99), cfg)
+    resumed.load(tmp_path / "t.safetensors")
+    assert resumed.steps_done == 5
+    run(resumed, train_ids, 8)
+    a, b = straight.history, resumed.history
+    assert a.step == b.step == list(range(1, 9))
+    assert a.loss == b.loss and a.grad_norm == b.grad_norm and a.lr == b.lr  # exactly
+    assert a.metrics == b.metrics and len(a.metrics["accuracy"]) == 8
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_trainer_accumulation_2x4_equals_one_batch_of_8_with_a_custom_loss():
+    from nblib.train import Trainer
+
+    train_ids, _ = data()
+    no_dropout = GPTConfig(**{**CFG.__dict__, "dropout": 0.0})
+    cfg = TrainConfig(max_steps=3, warmup_steps=1, grad_clip=None, log_interval=1)
+    torch.manual_seed(1)
+    a = Trainer(GPT(no_dropout), cfg)
+    torch.manual_seed(1)
+    b = Trainer(GPT(no_dropout), cfg)
+    for step in range(3):
+        whole = dict_batch(train_ids, step, 0, batch_size=8)
+        halves = [{k: v[4 * i:4 * i + 4] for k, v in whole.items()} for i in range(2)]
+        a.step(halves, masked_loss)
+        b.step([whole], masked_loss)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert a.history.loss == pytest.approx(b.history.loss, abs=1e-5)
+    assert a.history.metrics["accuracy"] == pytest.approx(b.history.metrics["accuracy"], abs=1e-6)
+
+
+def test_float16_trains_with_a_grad_scaler_or_is_refused(tmp_path):
+    from nblib.train import Trainer, check_autocast
+
+    train_ids, _ = data()
+    cfg = TrainConfig(**{**SMALL, "dtype": "float16"})
+    try:
+        check_autocast("cpu", "float16")
+    except ValueError:  # an older torch without float16 autocast on CPU: a clear refusal
+        with pytest.raises(ValueError, match="no float16 autocast on cpu.*use dtype='float32' or 'bfloat16'"):
+            Trainer(model(), cfg)
+        return
+    trainer = Trainer(model(), cfg)
+    assert isinstance(trainer.scaler, torch.amp.GradScaler)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    seen = []
+    orig_scale = trainer.scaler.scale
+    trainer.scaler.scale = lambda loss: seen.append(loss.dtype) or orig_scale(loss)
+    run(trainer, train_ids, 3)
+    assert len(seen) == 6  # every micro-batch's loss went through the scaler
+    assert trainer.scaler.get_scale() > 1
+    assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters()))
+    assert all(math.isfinite(x) for x in trainer.history.loss)
+    trainer.save(tmp_path / "fp16.safetensors")
+    again = Trainer(model(), cfg)
+    again.load(tmp_path / "fp16.safetensors")
+    assert again.scaler.state_dict() == trainer.scaler.state_dict()
+    with pytest.raises(ValueError, match="dtype must be 'auto', 'float32', 'bfloat16' or 'float16'"):
+        Trainer(model(), TrainConfig(dtype="float8"))
+
+
+def test_no_host_sync_in_a_step_between_log_intervals(monkeypatch):
+    """Reading a number (item, tolist, bool, float, int) waits for a GPU: nblib may do it
+    only when the history is read back, every log_interval steps."""
+    import sys
+
+    from nblib.train import Trainer
+
+    calls = []
+
+    def spy(name):
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            calls.append((name, sys._getframe(1).f_globals.get("__name__", "")))
+            return orig(self, *args, **kwargs)
+        return wrapper
+
+    train_ids, _ = data()
+    trainer = Trainer(model(), TrainConfig(**{**SMALL, "log_interval": 4}))
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    run(trainer, train_ids, 3, n_micro=3)  # 9 micro-steps
+    ours = [c for c in calls if c[1].startswith("nblib")]
+    assert ours == [], ours
+    run(trainer, train_ids, 4, n_micro=3)  # the 4th step reads the 4 steps back
+    assert [c for c in calls if c[1].startswith("nblib")]
+    monkeypatch.undo()
+    h = trainer.history
+    assert h.step == [1, 2, 3, 4] and len(h.loss) == len(h.grad_norm) == len(h.metrics["accuracy"]) == 4
+
+
+def test_train_with_any_batch_loss_fn_and_eval_fn():
+    train_ids, val_ids = data()
+    streams = {"train": train_ids, "val": val_ids}
+
+    def get_batch(split, generator):
+        from nblib.text import random_batch
+        x, y = random_batch(streams[split], 4, 16, generator=generator)
+        return {"x": x, "y": y, "weight": torch.ones(4, 16)}
+
+    cfg = TrainConfig(**{**SMALL, "max_steps": 6, "eval_interval": 3})
+    h = train(model(), None, None, cfg, get_batch=get_batch, loss_fn=masked_loss,
+              eval_fn=lambda m: {"probe": float(m.training)}, show_progress=False)
+    assert h.eval_step == [0, 3, 6] and len(h.metrics["accuracy"]) == 6
+    assert set(h.eval_metrics) == {"train/accuracy", "val/accuracy", "probe"}
+    assert h.eval_metrics["probe"] == [0.0, 0.0, 0.0]  # eval_fn runs in eval mode
+    assert all(len(v) == 3 for v in h.eval_metrics.values())
+    # with all weights 1 the masked loss is the plain loss: the default loss_fn gives the same run
+    plain = train(model(), train_ids, val_ids, TrainConfig(**{**SMALL, "max_steps": 6, "eval_interval": 3}),
+                  show_progress=False)
+    assert h.loss == pytest.approx(plain.loss, abs=1e-6) and h.val == pytest.approx(plain.val, abs=1e-6)
