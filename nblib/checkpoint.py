@@ -141,7 +141,7 @@ def read_metadata(path: str | Path) -> dict:
         expected = "a course checkpoint (nblib.checkpoint.save_checkpoint writes those)"
         raise ValueError(f"{path} {why_unreadable(path, err, expected)}") from err
     if meta.get("format") != FORMAT:
-        hint = (" It looks like a Hugging Face model.safetensors: load its folder with nblib.gpt.from_hf_dir "
+        hint = (" It looks like a Hugging Face model.safetensors: load its folder with nblib.gpt.load_hf "
                 "or nblib.llama.load_hf." if meta.get("format") == "pt" else "")
         raise ValueError(f"{path} is a safetensors file but not a course checkpoint: its metadata has format "
                          f"{meta.get('format')!r}, not {FORMAT!r} (written by nblib.checkpoint.save_checkpoint).{hint}")

@@ -3,7 +3,8 @@
 That is the whole format ``from_pretrained`` reads for a small model: a JSON config and
 one safetensors file whose tensor names are the module names. ``nblib.gpt`` and
 ``nblib.llama`` name their modules as Hugging Face does, so each only has to translate
-its config; reading and writing the folder happens here, once.
+its config; reading and writing the folder happens here, once. Both call the folder's
+readers and writers ``load_hf(directory)`` and ``save_hf(model, directory)``.
 """
 from __future__ import annotations
 

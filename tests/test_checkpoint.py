@@ -141,3 +141,13 @@ def test_a_checkpoint_from_before_a_config_field_existed_still_loads(tmp_path):
     assert load_model(old).config == CFG
     with pytest.raises(ConfigMismatchError, match="eos_token_id: checkpoint has None, model has 3"):
         load_checkpoint(old, GPT(GPTConfig(**{**CFG.__dict__, "eos_token_id": 3})))
+
+
+def test_a_hugging_face_folder_is_pointed_to_load_hf(tmp_path):
+    from nblib.gpt import load_hf, save_hf
+
+    model, _ = trained_a_little()
+    save_hf(model, tmp_path / "hf")
+    with pytest.raises(ValueError, match="load its folder with nblib.gpt.load_hf or nblib.llama.load_hf"):
+        load_checkpoint(tmp_path / "hf" / "model.safetensors", GPT(CFG))
+    assert load_hf(tmp_path / "hf").config == CFG

@@ -137,3 +137,17 @@ def test_temperature_nan_or_inf_is_a_clear_error(model, temperature):
         sample_next_token(torch.zeros(1, 5), temperature=temperature)
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         generate(model, prompt(), 3, temperature=temperature)
+
+
+def test_sampling_logits_is_what_sample_next_token_draws_from():
+    from nblib.sample import sampling_logits
+
+    logits = gpt2_sized_logits(5, rows=2)[:, :300]
+    z = sampling_logits(logits, 0.7, top_k=50, top_p=0.9)
+    assert z.dtype == torch.float32
+    assert torch.equal(z, filter_logits(logits / 0.7, top_k=50, top_p=0.9))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    drawn = sample_next_token(logits, 0.7, 50, 0.9, generator=g1)
+    assert torch.equal(drawn, torch.multinomial(torch.softmax(z, -1), 1, generator=g2))
+    with pytest.raises(ValueError, match="temperature 0 is greedy"):
+        sampling_logits(logits, 0.0)
