@@ -18,6 +18,10 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``llama``: the Llama-style model: RMSNorm, RoPE, SwiGLU, GQA, KV cache, export (07)
 - ``kvcache``: the KV cache and the padding-aware causal masks both model families share (07 on)
 - ``engine``: batched generation with log-probs (left padding, KV cache, stop tokens, n samples per prompt), sequence log-probs (08 on)
+- ``chat``: the chat tokenizer (characters + special tokens), the chat template with its assistant mask, a chat loop (08 on)
+- ``tasks``: generated post-training tasks with verifiers and held-out splits: addition (with a buggy teacher), words, facts, open requests (08 on)
+- ``base``: the small base model the post-training lessons share, pretrained on tinyshakespeare and cached by config (08 on)
+- ``sft``: supervised fine-tuning: padded chat batches, the masked loss, held-out loss, accuracy and format evals (08 on)
 - ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
