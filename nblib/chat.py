@@ -18,7 +18,8 @@ characters and an end token::
   role tokens and user messages. Supervised fine-tuning puts the loss on the True tokens only.
 - ``render_prompt(conversation, tokenizer)``: the conversation so far plus ``<|assistant|>``,
   the form the model continues to answer (its reply ends when it writes ``<|end|>``).
-- ``parse(ids, tokenizer)``: ids back to messages (``render``'s inverse).
+- ``parse(ids, tokenizer)``: ids back to messages (``render``'s inverse); ``show_mask``
+  prints ids with the masked tokens in brackets.
 - ``chat(model, tokenizer, ...)``: talk with a model: an input loop when someone can
   type, a scripted conversation when no one can (CI, executed copies, FAST mode).
 """
@@ -214,6 +215,18 @@ def parse(ids, tokenizer: ChatTokenizer, allow_unfinished: bool = False) -> list
             raise ValueError(f"the last {role} message has no {END} (pass allow_unfinished=True to keep it)")
         messages.append({"role": role, "content": tokenizer.decode(content)})
     return messages
+
+
+def show_mask(ids, mask, tokenizer: ChatTokenizer, open_: str = "[", close: str = "]") -> str:
+    """The decoded tokens with every run of masked tokens between ``open_`` and ``close``:
+    ``<|user|>Hi<|end|><|assistant|>[Hail!<|end|>]``."""
+    out, inside = [], False
+    for i, m in zip(ids, mask):
+        if bool(m) != inside:
+            out.append(open_ if m else close)
+            inside = bool(m)
+        out.append(tokenizer.decode([i]))
+    return "".join(out) + (close if inside else "")
 
 
 def reply_text(completion, tokenizer: ChatTokenizer) -> str:

@@ -11,7 +11,8 @@
 - evals: ``heldout_loss`` (the masked loss on fixed held-out batches), ``evaluate``
   (greedy replies through ``nblib.engine``, batched, read with ``nblib.chat.reply_text``,
   checked with ``nblib.tasks.verify``), ``accuracy_by_task`` and ``format_compliance``
-  (the reply ended its turn with ``<|end|>`` and wrote no other special token).
+  (the reply ended its turn with ``<|end|>`` and wrote no other special token), and
+  ``majority_baseline``, the accuracy of always giving the most common answer.
 """
 from __future__ import annotations
 
@@ -64,7 +65,9 @@ def token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) ->
         raise ValueError(f"logits {tuple(logits.shape)}, ids {tuple(ids.shape)} and mask {tuple(mask.shape)} "
                          "must agree on [B, T]")
     targets = ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
-    losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+    predictions = logits[:, :-1]
+    predictions = predictions.to(torch.promote_types(predictions.dtype, torch.float32))  # bf16/fp16 -> fp32
+    losses = F.cross_entropy(predictions.reshape(-1, logits.size(-1)), targets.reshape(-1),
                              ignore_index=-100, reduction="sum")
     return losses, mask[:, 1:].sum()
 
@@ -200,6 +203,27 @@ def accuracy_by_task(problems: list[tasks.Problem], replies: list[str]) -> dict[
         if p.verifiable:
             right.setdefault(p.task, []).append(tasks.verify(p, r))
     return {t: sum(v) / len(v) for t, v in right.items()}
+
+
+def majority_baseline(task_list: list[tasks.Task], problems: list[tasks.Problem], n: int = 2000,
+                      seed: int = 0) -> dict[str, float]:
+    """Accuracy per task of a "model" that always gives the task's most common training answer.
+
+    The floor any accuracy should be read against: a model that answers "1" to every
+    counting question is right whenever the letter occurs once.
+    """
+    by_name = {t.name: t for t in task_list}
+    out = {}
+    for name in dict.fromkeys(p.task for p in problems if p.verifiable):
+        rng = random.Random(f"majority:{name}:{seed}")
+        counts: dict[str, int] = {}
+        for _ in range(n):
+            answer = tasks.normalize(by_name[name].sample(rng, "train").answer)
+            counts[answer] = counts.get(answer, 0) + 1
+        guess = max(counts, key=counts.get)
+        mine = [p for p in problems if p.task == name]
+        out[name] = sum(tasks.verify(p, guess) for p in mine) / len(mine)
+    return out
 
 
 def format_compliance(replies: list[Reply]) -> float:

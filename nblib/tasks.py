@@ -209,9 +209,12 @@ class Spell(_WordTask):
 
 
 class CountLetter(_WordTask):
+    """How often a letter occurs in a word. The answer is drawn first, uniformly among those
+    the word allows (0, and each count some letter of it has), then a letter with that
+    count: so "1" is not the answer most of the time, and guessing it is not enough."""
+
     name = "count"
     templates = ("How many {c}'s in {w}?", "Count the letter {c} in {w}.")
-    absent_fraction = 0.2  # how often the letter asked about is not in the word (answer 0)
 
     def make(self, word: str, template: int = 0, letter: str | None = None) -> Problem:
         letter = letter or word[0]
@@ -220,11 +223,11 @@ class CountLetter(_WordTask):
 
     def sample(self, rng: random.Random, split: str = "train") -> Problem:
         word = rng.choice(self.words(split))
-        if rng.random() < self.absent_fraction:
-            letter = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in word])
-        else:
-            letter = rng.choice(word)
-        return self.make(word, rng.randrange(len(self.templates)), letter)
+        by_count: dict[int, list[str]] = {0: [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in word]}
+        for c in sorted(set(word)):
+            by_count.setdefault(word.count(c), []).append(c)
+        count = rng.choice(sorted(by_count))
+        return self.make(word, rng.randrange(len(self.templates)), rng.choice(by_count[count]))
 
 
 # ---------------------------------------------------------------------------- facts

@@ -66,6 +66,12 @@ def test_render_layout_and_mask():
     assert TOK.decode(i for i, m in zip(ids, mask) if m) == "46<|end|>"
 
 
+def test_show_mask_brackets_the_masked_runs():
+    ids, mask = chat.render(CONV, TOK)
+    assert chat.show_mask(ids, mask, TOK) == ("<|user|>What is 12+34?<|end|><|assistant|>[46<|end|>]"
+                                              "<|user|>Reverse night.<|end|><|assistant|>[thgin<|end|>]")
+
+
 def test_mask_covers_every_assistant_turn_and_nothing_else():
     ids, mask = chat.render(CONV, TOK)
     assert len(ids) == len(mask)
@@ -249,3 +255,78 @@ def test_chat_without_a_script_where_no_one_can_type_is_an_error(monkeypatch):
     assert not chat.can_ask()
     with pytest.raises(ValueError, match="script"):
         chat.chat(tiny_model(), TOK)
+
+
+# ---------------------------------------------------------------- lesson 08's exercise checks
+
+def test_render_check_passes_a_right_render_and_names_the_mask_mistakes():
+    from nblib.checks import CheckFailed
+    from nblib.checks import sft as checks
+
+    def render(conversation, tok, header_in_mask=False, end_in_mask=True, user_in_mask=False):
+        ids, mask = [], []
+        for m in conversation:
+            body = tok.encode(m["content"]) + [tok.end_id]
+            mine = m["role"] == "assistant"
+            ids += [tok.role_id(m["role"])] + body
+            mask += [mine and header_in_mask] + [mine or user_in_mask] * (len(body) - 1) + [(mine and end_in_mask) or user_in_mask]
+        return ids, mask
+
+    checks.check_render(render)
+    for wrong in (dict(header_in_mask=True), dict(end_in_mask=False), dict(user_in_mask=True)):
+        with pytest.raises(CheckFailed, match=r"(?s)mask .* is off.*expected: .*got: "):
+            checks.check_render(lambda c, t, w=wrong: render(c, t, **w))
+    def no_end_after_user(conversation, tok):
+        ids, mask = [], []
+        for m in conversation:
+            body = tok.encode(m["content"]) + ([tok.end_id] if m["role"] == "assistant" else [])
+            ids += [tok.role_id(m["role"])] + body
+            mask += [False] + [m["role"] == "assistant"] * len(body)
+        return ids, mask
+
+    with pytest.raises(CheckFailed, match="ids of the conversation"):
+        checks.check_render(no_end_after_user)
+    with pytest.raises(CheckFailed, match="tuple"):
+        checks.check_render(lambda c, t: render(c, t)[0])
+
+
+def test_sft_loss_check_passes_a_right_loss_and_names_common_mistakes():
+    import torch.nn.functional as F
+
+    from nblib.checks import CheckFailed
+    from nblib.checks import sft as checks
+
+    def loss(logits, ids, mask, shift_mask=True, divide_by_all=False, detach=False):
+        per_token = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = (mask[:, 1:] if shift_mask else mask[:, :-1]).float()
+        out = (per_token * keep).sum() / (keep.numel() if divide_by_all else keep.sum())
+        return out.detach() if detach else out
+
+    checks.check_sft_loss(loss)
+    with pytest.raises(CheckFailed, match=r"mask of the \*input\* tokens"):
+        checks.check_sft_loss(lambda *a: loss(*a, shift_mask=False))
+    with pytest.raises(CheckFailed, match="divides by every position"):
+        checks.check_sft_loss(lambda *a: loss(*a, divide_by_all=True))
+    with pytest.raises(CheckFailed, match="gradients flow"):
+        checks.check_sft_loss(lambda *a: loss(*a, detach=True))
+    with pytest.raises(CheckFailed, match="gradient"):  # the loss on every token leaks gradient outside the mask
+        checks.check_sft_loss(lambda lg, ids, m: loss(lg, ids, m) if not lg.requires_grad else
+                              loss(lg, ids, torch.ones_like(m)))
+    with pytest.raises(CheckFailed, match="one number"):
+        checks.check_sft_loss(lambda lg, ids, m: F.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"))
+
+
+def test_accuracy_check_passes_a_right_eval_and_catches_wrong_ones():
+    from nblib.checks import CheckFailed
+    from nblib.checks import sft as checks
+
+    checks.check_per_task_accuracy(lambda problems, replies: sft.accuracy_by_task(problems, replies))
+    with pytest.raises(CheckFailed, match="spaces and case"):  # no normalising
+        checks.check_per_task_accuracy(lambda ps, rs: {
+            t: sum(r == p.answer for p, r in zip(ps, rs) if p.task == t) / sum(p.task == t for p in ps)
+            for t in {p.task for p in ps}})
+    with pytest.raises(CheckFailed, match="some wrong"):  # one accuracy over all tasks
+        checks.check_per_task_accuracy(lambda ps, rs: {t: sum(tasks.verify(p, r) for p, r in zip(ps, rs)) / len(ps)
+                                                       for t in {p.task for p in ps}})
+    with pytest.raises(CheckFailed, match="dict"):
+        checks.check_per_task_accuracy(lambda ps, rs: 0.5)

@@ -1,0 +1,105 @@
+"""Checks for lesson 08's exercises: the chat template with its mask, the masked loss, per-task accuracy."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nblib import chat, sft, tasks
+from nblib.checks import CheckFailed, call_learner, expect_close, expect_equal, passed
+
+TOK = chat.ChatTokenizer()
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 12+34?"}, {"role": "assistant", "content": "46"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hail!"},
+     {"role": "user", "content": "Spell dog."}, {"role": "assistant", "content": "d-o-g"}],
+    [{"role": "user", "content": "x"}],
+]
+
+
+def check_render(render) -> None:
+    """``render(conversation, tokenizer) -> (ids, mask)`` as ``nblib.chat.render``."""
+    for conv in CONVERSATIONS:
+        got = call_learner("render", render, conv, TOK)
+        if not isinstance(got, tuple) or len(got) != 2:
+            raise CheckFailed(f"render should return a tuple (ids, mask), got {type(got).__name__}")
+        ids, mask = (list(x.tolist()) if torch.is_tensor(x) else list(x) for x in got)
+        want_ids, want_mask = chat.render(conv, TOK)
+        roles = " / ".join(m["role"] for m in conv)
+        expect_equal(f"ids of the conversation ({roles}), as text", TOK.decode(ids), TOK.decode(want_ids))
+        expect_equal(f"ids of the conversation ({roles})", ids, want_ids)
+        if len(mask) != len(ids):
+            raise CheckFailed(f"the mask has {len(mask)} entries for {len(ids)} ids: one per token")
+        mask = [bool(m) for m in mask]
+        if mask != want_mask:
+            raise CheckFailed(f"the mask of ({roles}) is off; [brackets] mark the masked tokens.\n"
+                              f"expected: {chat.show_mask(want_ids, want_mask, TOK)}\n"
+                              f"     got: {chat.show_mask(ids, mask, TOK)}")
+    passed("render")
+
+
+def _cases(seed: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    batch = sft.collate([chat.render(c, TOK) for c in CONVERSATIONS[:2]], TOK.pad_id)
+    logits = torch.randn(*batch.ids.shape, TOK.vocab_size, generator=g)
+    yield "two padded conversations", logits, batch.ids, batch.mask
+    ids = torch.randint(4, TOK.vocab_size, (3, 9), generator=g)
+    mask = torch.rand(3, 9, generator=g) < 0.5
+    mask[:, 1] = True  # at least one target in the mask
+    yield "random ids and mask [3, 9]", torch.randn(3, 9, TOK.vocab_size, generator=g) * 3, ids, mask
+
+
+def check_sft_loss(sft_loss) -> None:
+    """``sft_loss(logits [B, T, V], ids [B, T], mask [B, T]) -> scalar`` as ``nblib.sft.sft_loss``."""
+    for what, logits, ids, mask in _cases():
+        got = call_learner("sft_loss", sft_loss, logits.clone(), ids.clone(), mask.clone())
+        want = sft.sft_loss(logits, ids, mask)
+        if torch.is_tensor(got) and got.numel() != 1:
+            raise CheckFailed(f"sft_loss on {what}: expected one number (a 0-d tensor), got shape {tuple(got.shape)}")
+        got_f = float(got)
+        per_token = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                    reduction="none").view(ids.shape[0], -1)
+        unshifted = (per_token * mask[:, :-1]).sum() / mask[:, :-1].sum()
+        over_all = (per_token * mask[:, 1:]).sum() / per_token.numel()
+        if abs(got_f - float(unshifted)) < 1e-5 and abs(float(unshifted) - float(want)) > 1e-4:
+            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} is the loss with the mask of the *input* tokens; "
+                              "position t predicts token t+1, so the mask of the target (mask[:, 1:]) decides")
+        if abs(got_f - float(over_all)) < 1e-5 and abs(float(over_all) - float(want)) > 1e-4:
+            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} divides by every position; the mean is over the "
+                              f"masked targets only (expected {float(want):.4f})")
+        expect_close(f"sft_loss on {what}", got_f, float(want), atol=1e-4, rtol=1e-4)
+    # no gradient reaches logits whose target is outside the mask
+    _, logits, ids, mask = next(_cases(9))
+    logits = logits.clone().requires_grad_(True)
+    loss = call_learner("sft_loss", sft_loss, logits, ids, mask)
+    if not torch.is_tensor(loss) or not loss.requires_grad:
+        raise CheckFailed("sft_loss must return a tensor that gradients flow through (not a float or .item())")
+    loss.backward()
+    outside = torch.ones_like(mask)
+    outside[:, :-1] = ~mask[:, 1:]
+    leaked = logits.grad.abs().sum(-1)[outside]
+    if leaked.max() > 0:
+        raise CheckFailed("logits whose target is outside the mask (or padding, or the last position) got a "
+                          f"gradient of up to {leaked.max().item():.3g}: they must not count at all")
+    passed("sft_loss")
+
+
+def check_per_task_accuracy(per_task_accuracy) -> None:
+    """``per_task_accuracy(problems, replies) -> {task: fraction right}`` over verifiable problems."""
+    add = tasks.Addition()
+    problems = [add.problem(12, 34), add.problem(50, 50), add.problem(19, 80),
+                tasks.Problem("reverse", "Reverse night.", "thgin", "thgin"),
+                tasks.Problem("reverse", "Reverse dog.", "god", "god")]
+    cases = [
+        ("every reply right", ["46", "100", "99", "thgin", "god"], {"add": 1.0, "reverse": 1.0}),
+        ("some wrong", ["46", "10", "98", "thgin", "dog"], {"add": 1 / 3, "reverse": 0.5}),
+        ("spaces and case do not count", [" 46", "100 ", "99\n", "THGIN", "God"], {"add": 1.0, "reverse": 1.0}),
+    ]
+    for what, replies, want in cases:
+        got = call_learner("per_task_accuracy", per_task_accuracy, list(problems), list(replies))
+        if not isinstance(got, dict):
+            raise CheckFailed(f"per_task_accuracy should return a dict {{task: accuracy}}, got {type(got).__name__}")
+        expect_equal(f"tasks in the result ({what})", sorted(got), sorted(want))
+        for task, value in want.items():
+            expect_close(f"accuracy of {task!r} ({what})", got[task], value, atol=1e-9, rtol=0)
+    passed("per_task_accuracy")
