@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,31 @@ def machine() -> str:
     return f"{where}; torch {torch.__version__}, Python {platform.python_version()}"
 
 
+class LoadMeter:
+    """The machine's mean load while a lesson runs (1-minute load average, sampled every 5 s).
+
+    The lesson itself keeps about one core busy; a mean well above the cores it uses says
+    other work shared the machine, and the wall time is then an upper bound.
+    """
+
+    def __enter__(self):
+        self.samples, self._stop = [], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(5.0):
+            self.samples.append(os.getloadavg()[0])
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def mean(self) -> float:
+        return round(sum(self.samples) / len(self.samples), 2) if self.samples else round(os.getloadavg()[0], 2)
+
+
 def code_cells(nb) -> list[str]:
     return [c.source for c in nb.cells if c.cell_type == "code"]
 
@@ -76,7 +102,7 @@ def run_lesson(lesson: str, crs: dict) -> dict:
         headlines_file = Path(workdir) / "headlines.jsonl"
         env = {"NBLIB_FAST": "0", "NBLIB_PROGRESS": "text", "NBLIB_RECORD": str(headlines_file),
                "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-        with course.environment(env):
+        with course.environment(env), LoadMeter() as load:
             started = time.monotonic()
             NotebookClient(nb, timeout=None, kernel_name="python3",
                            resources={"metadata": {"path": workdir}}).execute()
@@ -86,7 +112,7 @@ def run_lesson(lesson: str, crs: dict) -> dict:
     nbformat.write(nb, EXECUTED / lesson)
     device = next((o.get("text", "").strip() for c in nb.cells if c.cell_type == "code" for o in c.outputs
                    if o.get("output_type") == "stream" and "| torch " in o.get("text", "")), "")
-    return {"lesson": lesson, "seconds": round(seconds, 1), "headlines": headlines, "device": device,
+    return {"lesson": lesson, "seconds": round(seconds, 1), "load": load.mean(), "headlines": headlines, "device": device,
             "machine": machine(), "date": datetime.date.today().isoformat()}
 
 
@@ -102,10 +128,12 @@ def write_report(rows: dict[str, dict], crs: dict) -> None:
              "Written by `python tools/course.py record`, which runs each lesson top to bottom in full",
              "mode and keeps the executed copy beside this file. Headline numbers are the values the",
              "lesson passed to `nblib.headline`; the reference column is the public number each is held",
-             "against (SYLLABUS.md). Wall time is the whole notebook on the machine named in its row.",
+             "against (SYLLABUS.md). Wall time is the whole notebook on the machine named in its row;",
+             "load is the machine's mean 1-minute load average meanwhile (a lesson keeps one or two",
+             "cores busy: a load well above the machine's cores means other work shared it).",
              "",
-             "| lesson | headline numbers (full mode) | public reference | wall time | machine, date |",
-             "|---|---|---|---|---|"]
+             "| lesson | headline numbers (full mode) | public reference | wall time | load | machine, date |",
+             "|---|---|---|---|---|---|"]
     for lesson in sorted(rows):
         r = rows[lesson]
         values = "<br>".join(f"{h['name']} = {h['shown']}" for h in r["headlines"]) or "(none)"
@@ -113,7 +141,7 @@ def write_report(rows: dict[str, dict], crs: dict) -> None:
         ref = refs.get(lesson, {}).get("reference", "")
         mode = "" if "full mode" in r["device"] else f" ({r['device'] or 'mode unknown'})"
         lines.append(f"| [{lesson[:2]} · {title}]({lesson}){mode} | {values} | {ref} | {minutes(r['seconds'])} | "
-                     f"{r['machine']}; {r['date']} |")
+                     f"{r.get('load', '?')} | {r['machine']}; {r['date']} |")
     REPORT_MD.write_text("\n".join(lines) + "\n")
 
 
@@ -129,7 +157,7 @@ def main(argv: list[str]) -> int:
     for lesson in wanted:
         print(f"recording {lesson} in full mode ...", flush=True)
         rows[lesson] = run_lesson(lesson, crs)
-        print(f"  {minutes(rows[lesson]['seconds'])}; " +
+        print(f"  {minutes(rows[lesson]['seconds'])} (load {rows[lesson]['load']}); " +
               "; ".join(f"{h['name']} = {h['shown']}" for h in rows[lesson]["headlines"]), flush=True)
         write_report(rows, crs)  # after every lesson, so a long run keeps what it finished
     print(f"wrote {REPORT_MD.relative_to(course.ROOT)} and {len(wanted)} executed lesson(s)")
