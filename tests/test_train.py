@@ -151,6 +151,11 @@ PINNED = dict(
 )
 
 
+TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+@pytest.mark.skipif(TORCH < (2, 7), reason="pinned with torch 2.13; torch 2.4-2.6 give another run from the same "
+                                            "seed (first loss off by 4.8e-3), 2.7-2.13 this one")
 def test_history_equals_the_pinned_run():
     train_ids, val_ids = data()
     h = train(model(), train_ids, val_ids, TrainConfig(**{**SMALL, "max_steps": 8}), show_progress=False)
