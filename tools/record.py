@@ -136,7 +136,7 @@ def write_report(rows: dict[str, dict], crs: dict) -> None:
              "|---|---|---|---|---|---|"]
     for lesson in sorted(rows):
         r = rows[lesson]
-        values = "<br>".join(f"{h['name']} = {h['shown']}" for h in r["headlines"]) or "(none)"
+        values = "<br>".join(f"{h['name']} = {h['shown']}" for h in r["headlines"]).replace("|", "\\|") or "(none)"
         title = refs.get(lesson, {}).get("title", lesson)
         ref = refs.get(lesson, {}).get("reference", "")
         mode = "" if "full mode" in r["device"] else f" ({r['device'] or 'mode unknown'})"
