@@ -103,15 +103,17 @@ def batches(mixture: tasks.Mixture, tokenizer: chat.ChatTokenizer, batch_size: i
 
     "train" draws training problems, "val" held-out ones (``nblib.train`` evaluates on
     "val"). The generator seeds a ``random.Random``, so a batch is the same for the same
-    generator state. A conversation is one problem, or two in a row with probability
-    ``two_turn_fraction``; one longer than ``block_size`` tokens is drawn again.
+    generator state. A batch holds conversations of one problem each, or, with
+    probability ``two_turn_fraction``, of two problems in a row (a whole batch of them:
+    mixing lengths would pad every row to the longest). A conversation longer than
+    ``block_size`` tokens is drawn again.
     """
     def get_batch(split: str, generator: torch.Generator | None = None) -> Batch:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         rng = random.Random(seed)
+        turns = 2 if rng.random() < two_turn_fraction else 1
         examples = []
         while len(examples) < batch_size:
-            turns = 2 if rng.random() < two_turn_fraction else 1
             ids, mask = chat.render(mixture.conversation(rng, split, turns), tokenizer)
             if len(ids) <= block_size:
                 examples.append((ids, mask))

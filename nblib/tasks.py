@@ -295,7 +295,7 @@ class Say(Task):
     verifiable = False
     templates = ("Say something {r} would say.", "Speak like {r}.")
 
-    def __init__(self, text: str, roles=None, min_chars: int = 20, max_chars: int = 60, val_fraction: float = 0.1):
+    def __init__(self, text: str, roles=None, min_chars: int = 16, max_chars: int = 48, val_fraction: float = 0.1):
         roles = SAY_ROLES if roles is None else roles
         self.lines = {s: {} for s in SPLITS}
         for speaker, lines in speeches(text):

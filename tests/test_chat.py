@@ -198,6 +198,18 @@ def test_empty_mask_is_an_error_and_all_tokens_loss_counts_more():
     assert everything["tokens"] > masked["tokens"]
 
 
+def test_two_turn_conversations_come_as_whole_batches():
+    mix = tasks.Mixture([tasks.Addition()])
+    get = sft.batches(mix, TOK, batch_size=5, block_size=64, two_turn_fraction=0.5)
+    turns = set()
+    for seed in range(20):
+        batch = get("train", torch.Generator().manual_seed(seed))
+        per_row = {row.count(TOK.user_id) for row in batch.ids.tolist()}
+        assert len(per_row) == 1  # every row of a batch has the same number of turns
+        turns |= per_row
+    assert turns == {1, 2}
+
+
 def test_batches_are_reproducible_and_fit_the_block():
     mix = tasks.Mixture([tasks.Addition(), tasks.Opposite()])
     get = sft.batches(mix, TOK, batch_size=6, block_size=40, two_turn_fraction=0.5)

@@ -104,7 +104,7 @@ def test_say_lines_come_from_the_role_and_the_splits_do_not_share_lines():
     rng = random.Random(5)
     p = task.sample(rng, "val")
     assert not p.verifiable and p.reply in [l for lines in task.lines["val"].values() for l in lines]
-    assert all(20 <= len(l) <= 60 for lines in task.lines["train"].values() for l in lines)
+    assert all(16 <= len(l) <= 48 for lines in task.lines["train"].values() for l in lines)
 
 
 def test_every_problem_renders_with_the_chat_tokenizer():
