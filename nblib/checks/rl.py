@@ -1,0 +1,309 @@
+"""Checks for lessons 09 and 10: GAE, PPO's clipped policy loss, the reward model's
+Bradley-Terry loss, and DPO.
+
+Each check runs the learner's function on small seeded cases and compares with
+``nblib.rl``. When an answer is off, the check computes the usual mistakes on the same
+inputs (min and max exchanged, the mask forgotten, the reference model left out, ...)
+and names the one the answer matches; otherwise it says expected vs got. A loss may be
+returned alone or as ``(loss, metrics)``: the first element is the loss. Losses must be
+tensors that gradients flow through, and the gradients are checked too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from nblib import rl
+from nblib.checks import CheckFailed, call_learner, expect_close, passed
+
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def _loss(what: str, result) -> torch.Tensor:
+    """The loss in a learner's result (the result itself, or the first element of a tuple), as a 0-d tensor."""
+    if isinstance(result, (tuple, list)):
+        if not result:
+            raise CheckFailed(f"{what} returned an empty {type(result).__name__}: return the loss, or (loss, metrics)")
+        result = result[0]
+    if not torch.is_tensor(result):
+        if isinstance(result, (int, float)) or type(result).__module__ == "numpy":
+            raise CheckFailed(f"{what} returned a Python number ({result!r}), not a tensor: no gradient can flow "
+                              "back through it. Return the tensor itself (no .item(), no float())")
+        raise CheckFailed(f"{what}: expected the loss as a 0-d tensor, got {type(result).__name__}")
+    if result.numel() != 1:
+        raise CheckFailed(f"{what}: expected one number (a 0-d tensor), got shape {tuple(result.shape)}: "
+                          "average into a single loss")
+    return result.reshape(())
+
+
+def _needs_grad(what: str, loss: torch.Tensor, inputs: str) -> None:
+    if not loss.requires_grad:
+        raise CheckFailed(f"{what}: the loss has no gradient (was it computed with .item(), float(), .detach() or "
+                          f"under torch.no_grad()?): gradients must flow back to {inputs}")
+
+
+def _close(a, b) -> bool:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return a.shape == b.shape and bool(torch.isfinite(a).all()) and bool(((a - b).abs() <= ATOL + RTOL * b.abs()).all())
+
+
+def _diagnose(what: str, got, want, mistakes) -> None:
+    """Pass if ``got`` is ``want``; else name the first mistake whose value ``got`` is; else expected vs got."""
+    if _close(got, want):
+        return
+    for value, message in mistakes:
+        if _close(got, value) and not _close(value, want):
+            raise CheckFailed(f"{what}: {message} (expected {float(want):.6g}, got {float(got):.6g})")
+    expect_close(what, got, want, atol=ATOL, rtol=RTOL)
+
+
+def _masks() -> torch.Tensor:
+    """Completions starting at different columns, of different lengths; row 0 runs to the last column."""
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    for row, (start, end) in enumerate([(2, 10), (3, 7), (2, 5), (4, 9)]):
+        mask[row, start:end] = True
+    return mask
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0).sum() / mask.sum()
+
+
+# ---------------------------------------------------------------------------- GAE
+
+
+def _gae_case(seed: int):
+    """PPO-like rewards (a small KL penalty on every token, a score on the last one), a value on every position."""
+    g = torch.Generator().manual_seed(seed)
+    mask = _masks()
+    rewards = torch.where(mask, 0.1 * torch.randn(mask.shape, generator=g), 0)
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # each row's last masked column
+    rewards[torch.arange(mask.shape[0]), last] += torch.randn(mask.shape[0], generator=g)
+    values = torch.randn(mask.shape, generator=g)  # a value head outputs one everywhere, padding too
+    return rewards, values, mask
+
+
+def _gae_result(what: str, result, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise CheckFailed(f"{what} should return a tuple (advantages, returns), got {type(result).__name__}")
+    out = []
+    for name, x in zip(("advantages", "returns"), result):
+        if not torch.is_tensor(x) or tuple(x.shape) != tuple(shape):
+            got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise CheckFailed(f"{what}: {name} should be a tensor of shape {tuple(shape)} like the rewards, got {got}")
+        out.append(x.detach().double())
+    return out[0], out[1]
+
+
+def _gae_ignoring_mask(rewards, values, mask, gamma, lam):
+    """The classic mistake: GAE over every column, bootstrapping from the padding, masked at the end."""
+    T = rewards.shape[1]
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last
+        advantages[:, t] = last
+    return torch.where(mask, advantages, 0)
+
+
+def check_gae(gae) -> None:
+    """``gae(rewards, values, mask, gamma, lam) -> (advantages, returns)`` as ``nblib.rl.gae``.
+
+    rewards, values [N, T] per token, mask [N, T] bool (each row's completion); the value
+    after the last masked token is 0; returns = advantages + values; both 0 outside the mask.
+    """
+    for seed, gamma, lam in [(0, 1.0, 0.95), (1, 0.9, 0.7), (2, 0.99, 0.5)]:
+        rewards, values, mask = _gae_case(seed)
+        what = f"gae with gamma={gamma}, lam={lam}"
+        got = call_learner("gae", gae, rewards.clone(), values.clone(), mask.clone(), gamma, lam)
+        adv, ret = _gae_result(what, got, mask.shape)
+        want_adv, want_ret = (x.double() for x in rl.gae(rewards, values, mask, gamma, lam))
+        values64 = values.double()
+        if not _close(adv[mask], want_adv[mask]):
+            swapped = rl.gae(rewards, values, mask, lam, gamma)[0].double()
+            if _close(adv[mask], swapped[mask]):
+                raise CheckFailed(f"{what}: your advantages are GAE's with gamma and lam swapped. gamma discounts "
+                                  "the next value in the TD error, delta_t = r_t + gamma * V(t+1) - V(t); the "
+                                  "advantages add up with gamma * lam: A_t = delta_t + gamma * lam * A_(t+1)")
+            junk = torch.randn(mask.shape, generator=torch.Generator().manual_seed(9))
+            other_values = torch.where(mask, values, junk)  # the same values, other ones past the completion
+            again = call_learner("gae", gae, rewards.clone(), other_values, mask.clone(), gamma, lam)
+            leaked = not _close(_gae_result(what, again, mask.shape)[0][mask], adv[mask])
+            if leaked or _close(adv[mask], _gae_ignoring_mask(rewards, values, mask, gamma, lam).double()[mask]):
+                raise CheckFailed(f"{what}: your advantages depend on the values after the completion: you "
+                                  "bootstrap past the end of the mask. The episode ends at the last masked token: "
+                                  "there V(t+1) = 0 and A_(t+1) = 0, and nothing from the padding flows back")
+            expect_close(f"{what}: advantages on the masked tokens [row, column]", torch.where(mask, adv, 0),
+                         want_adv, atol=ATOL, rtol=RTOL)
+        if not _close(ret[mask], (adv + values64)[mask]):
+            off = torch.where(mask, (ret - adv - values64).abs(), 0)
+            row, col = (int(i) for i in divmod(int(off.argmax()), mask.shape[1]))
+            raise CheckFailed(f"{what}: returns must be advantages + values (the value function's targets, "
+                              f"R_t = A_t + V(t)); at [row, column] = [{row}, {col}] expected "
+                              f"{float(adv[row, col] + values64[row, col]):.6g}, got {float(ret[row, col]):.6g}")
+        for name, x in (("advantages", adv), ("returns", ret)):
+            if (x[~mask] != 0).any():
+                raise CheckFailed(f"{what}: {name} outside the mask must be 0 (prompt and padding are no steps; "
+                                  f"select with torch.where(mask, x, 0)), got up to {x[~mask].abs().max().item():.3g}")
+    passed("gae")
+
+
+# ---------------------------------------------------------------------------- PPO
+
+
+def _ppo_case(seed: int):
+    """Log-probs whose ratios go past the clip range both ways; finite junk outside the mask."""
+    g = torch.Generator().manual_seed(seed)
+    mask = _masks()
+    old = -3 * torch.rand(mask.shape, generator=g)
+    logprobs = old + 0.4 * torch.randn(mask.shape, generator=g)
+    advantages = torch.randn(mask.shape, generator=g)
+    junk = lambda: torch.randn(mask.shape, generator=g)  # noqa: E731
+    return (torch.where(mask, logprobs, junk()), torch.where(mask, old, junk()),
+            torch.where(mask, advantages, junk()), mask)
+
+
+def _ppo_mistakes(logprobs, old, adv, mask, clip):
+    ratio = (logprobs - old).exp()
+    clipped = ratio.clamp(1 - clip, 1 + clip)
+    loss = -torch.minimum(ratio * adv, clipped * adv)
+    n_rows = mask.any(1).sum()
+    per_row = torch.where(mask, loss, 0).sum(1) / mask.sum(1).clamp(min=1)
+    clip_adv = "clips the advantage instead of the ratio: clip the probability ratio, " \
+               "torch.clamp(ratio, 1 - clip, 1 + clip) * A, so the policy cannot move far from the old one"
+    over_all = "averages over every position; the loss is the mean over the masked tokens only " \
+               "(prompt and padding must not count): divide by the number of masked tokens"
+    return [
+        (_masked_mean(-torch.maximum(ratio * adv, clipped * adv), mask),
+         "takes the max of the two terms: PPO's objective is the min, the pessimistic bound (the loss is "
+         "-min(ratio * A, clip(ratio) * A), i.e. max(-ratio * A, -clip(ratio) * A))"),
+        (_masked_mean(-ratio * adv, mask), "has no clipping: the loss is -min(ratio * A, clip(ratio) * A)"),
+        (_masked_mean(-torch.minimum(ratio * adv, ratio * adv.clamp(1 - clip, 1 + clip)), mask), clip_adv),
+        (_masked_mean(-torch.minimum(ratio * adv, ratio * adv.clamp(-clip, clip)), mask), clip_adv),
+        (_masked_mean(-torch.minimum(ratio * adv, adv.clamp(1 - clip, 1 + clip)), mask), clip_adv),
+        (torch.where(mask, loss, 0).sum() / mask.numel(), over_all),
+        (loss.mean(), over_all),
+        (loss.sum() / mask.sum(), "counts the tokens outside the mask in the sum: select the masked tokens "
+                                  "(torch.where(mask, loss, 0)) before adding them up"),
+        (per_row.sum() / n_rows, "averages each completion, then the completions: here every masked token of "
+                                 "the batch weighs the same (sum over the masked tokens / their number)"),
+        (_masked_mean(-torch.minimum(adv / ratio, adv * (1 / ratio).clamp(1 - clip, 1 + clip)), mask),
+         "inverts the ratio: ratio = exp(logprobs - old_logprobs) = pi_new / pi_old"),
+        (_masked_mean(-torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv), mask),
+         f"clips to [0.8, 1.2] whatever the clip argument ({clip} here): use 1 - clip and 1 + clip"),
+    ]
+
+
+def check_ppo_policy_loss(ppo_policy_loss) -> None:
+    """``ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip)`` -> loss (or (loss, metrics)).
+
+    The mean over masked tokens of -min(ratio * A, clamp(ratio, 1 - clip, 1 + clip) * A),
+    ratio = exp(logprobs - old_logprobs). The inputs hold junk outside the mask.
+    """
+    for seed, clip in [(0, 0.2), (1, 0.1)]:
+        logprobs, old, adv, mask = _ppo_case(seed)
+        what = f"ppo_policy_loss with clip={clip}"
+        leaf = logprobs.clone().requires_grad_(True)
+        loss = _loss(what, call_learner("ppo_policy_loss", ppo_policy_loss, leaf, old.clone(), adv.clone(),
+                                        mask.clone(), clip))
+        want, _ = rl.ppo_policy_loss(logprobs, old, adv, mask, clip)
+        _diagnose(what, loss.detach(), want, _ppo_mistakes(logprobs, old, adv, mask, clip))
+        _needs_grad(what, loss, "logprobs")
+        loss.backward()
+        if leaf.grad is None:
+            raise CheckFailed(f"{what}: no gradient reached logprobs: compute the ratio from the logprobs argument")
+        want_leaf = logprobs.clone().requires_grad_(True)
+        rl.ppo_policy_loss(want_leaf, old, adv, mask, clip)[0].backward()
+        expect_close(f"{what}: gradient w.r.t. logprobs", leaf.grad, want_leaf.grad, atol=1e-6, rtol=RTOL)
+    passed("ppo_policy_loss")
+
+
+# ---------------------------------------------------------------------------- Bradley-Terry
+
+
+def check_bradley_terry_loss(bradley_terry_loss) -> None:
+    """``bradley_terry_loss(r_chosen, r_rejected)`` -> -mean(log sigmoid(r_chosen - r_rejected)), or (loss, metrics)."""
+    g = torch.Generator().manual_seed(0)
+    r_chosen, r_rejected = 2 * torch.randn(8, generator=g), 2 * torch.randn(8, generator=g)
+    what = "bradley_terry_loss"
+    leaves = [r_chosen.clone().requires_grad_(True), r_rejected.clone().requires_grad_(True)]
+    loss = _loss(what, call_learner(what, bradley_terry_loss, *leaves))
+    want, _ = rl.bradley_terry_loss(r_chosen, r_rejected)
+    d = r_chosen - r_rejected
+    no_log = "the log is missing: the loss is the negative log-likelihood -log sigmoid(r_chosen - r_rejected) " \
+             "(use F.logsigmoid), not a probability"
+    _diagnose(what, loss.detach(), want, [
+        (-F.logsigmoid(-d).mean(), "the sign is swapped: P(chosen is preferred) = sigmoid(r_chosen - r_rejected), so "
+                                   "the loss -log sigmoid(r_chosen - r_rejected) is small when chosen scores higher"),
+        (-torch.sigmoid(d).mean(), no_log), (torch.sigmoid(-d).mean(), no_log),
+        (-F.logsigmoid(d).sum(), "sums over the pairs: take the mean, so the loss does not grow with the batch"),
+    ])
+    _needs_grad(what, loss, "r_chosen and r_rejected")
+    loss.backward()
+    want_leaves = [r_chosen.clone().requires_grad_(True), r_rejected.clone().requires_grad_(True)]
+    rl.bradley_terry_loss(*want_leaves)[0].backward()
+    for name, leaf, ref in zip(("r_chosen", "r_rejected"), leaves, want_leaves):
+        if leaf.grad is None:
+            raise CheckFailed(f"{what}: no gradient reached {name}")
+        expect_close(f"{what}: gradient w.r.t. {name}", leaf.grad, ref.grad, atol=1e-6, rtol=RTOL)
+    # far apart rewards: log(sigmoid(-200)) is log(0) in float32, F.logsigmoid is exact
+    far = _loss(what, call_learner(what, bradley_terry_loss, torch.tensor([-100.0]), torch.tensor([100.0])))
+    if not torch.isfinite(far):
+        raise CheckFailed(f"{what}: r_chosen=-100, r_rejected=100 gives {far.item()}: log(sigmoid(-200)) "
+                          "underflows to log(0). Use F.logsigmoid(r_chosen - r_rejected), which is exact")
+    expect_close(f"{what} with r_chosen=-100, r_rejected=100", far.detach(), 200.0, atol=1e-3, rtol=RTOL)
+    passed("bradley_terry_loss")
+
+
+# ---------------------------------------------------------------------------- DPO
+
+
+def _dpo_mistakes(pc, pr, rc, rr, beta):
+    z = (pc - rc) - (pr - rr)
+    return [
+        (-F.logsigmoid(beta * (pc - pr)).mean(),
+         "forgets the reference model: the implicit reward is beta * (log pi(y|x) - log pi_ref(y|x)), so the "
+         "logit is beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))"),
+        (-beta * F.logsigmoid(z).mean(),
+         "applies beta outside the sigmoid: beta scales the log-ratio difference inside it, "
+         "-log sigmoid(beta * ((pc - rc) - (pr - rr)))"),
+        (-F.logsigmoid(z).mean(), f"ignores beta (={beta}): the logit is beta * ((pc - rc) - (pr - rr))"),
+        (-F.logsigmoid(-beta * z).mean(), "has chosen and rejected swapped: the loss must fall as the chosen "
+                                          "completion gains probability relative to the reference"),
+        (-torch.sigmoid(beta * z).mean(), "the log is missing: -log sigmoid(...) (F.logsigmoid), not -sigmoid(...)"),
+        (-F.logsigmoid(beta * z).sum(), "sums over the pairs: take the mean"),
+    ]
+
+
+def check_dpo_loss(dpo_loss) -> None:
+    """``dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)`` -> loss (or (loss, metrics)).
+
+    Inputs [N] are summed completion log-probs; the loss is
+    -mean(log sigmoid(beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)))).
+    """
+    g = torch.Generator().manual_seed(0)
+    logprob = lambda: -5 - 40 * torch.rand(6, generator=g)  # noqa: E731 (summed log-probs of completions)
+    # the policy before any step is the reference: every logit is 0, the loss ln 2
+    pc, pr = logprob(), logprob()
+    beta = 0.1
+    what = "dpo_loss with policy = reference (every logit is 0: the loss must be ln 2 = 0.693147)"
+    loss = _loss(what, call_learner("dpo_loss", dpo_loss, pc.clone(), pr.clone(), pc.clone(), pr.clone(), beta))
+    _diagnose(what, loss.detach(), math.log(2), _dpo_mistakes(pc, pr, pc, pr, beta))
+    for beta in (0.1, 0.5):
+        pc, pr, rc, rr = logprob(), logprob(), logprob(), logprob()
+        what = f"dpo_loss with beta={beta}"
+        leaves = [pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)]
+        loss = _loss(what, call_learner("dpo_loss", dpo_loss, *leaves, rc.clone(), rr.clone(), beta))
+        want, _ = rl.dpo_loss(pc, pr, rc, rr, beta)
+        _diagnose(what, loss.detach(), want, _dpo_mistakes(pc, pr, rc, rr, beta))
+        _needs_grad(what, loss, "policy_chosen and policy_rejected")
+        loss.backward()
+        want_leaves = [pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)]
+        rl.dpo_loss(*want_leaves, rc, rr, beta)[0].backward()
+        for name, leaf, ref in zip(("policy_chosen", "policy_rejected"), leaves, want_leaves):
+            if leaf.grad is None:
+                raise CheckFailed(f"{what}: no gradient reached {name}")
+            expect_close(f"{what}: gradient w.r.t. {name}", leaf.grad, ref.grad, atol=1e-7, rtol=RTOL)
+    passed("dpo_loss")

@@ -1,0 +1,169 @@
+"""nblib.checks.rl (lessons 09-10): right answers pass, each typical mistake fails with a
+message that names it."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nblib import rl
+from nblib.checks import CheckFailed
+from nblib.checks.rl import check_bradley_terry_loss, check_dpo_loss, check_gae, check_ppo_policy_loss
+
+CHECKS = [check_gae, check_ppo_policy_loss, check_bradley_terry_loss, check_dpo_loss]
+
+
+def test_the_course_functions_pass(capsys):
+    # wrapped in lambdas: call_learner refuses nblib's own functions passed as they are
+    check_gae(lambda r, v, m, gamma, lam: rl.gae(r, v, m, gamma, lam))
+    check_gae(lambda r, v, m, gamma, lam: rl.gae_reference(r, v, m, gamma, lam))
+    check_ppo_policy_loss(lambda lp, old, a, m, clip: rl.ppo_policy_loss(lp, old, a, m, clip))  # (loss, metrics)
+    check_ppo_policy_loss(lambda lp, old, a, m, clip: rl.ppo_policy_loss(lp, old, a, m, clip)[0])  # loss alone
+    check_bradley_terry_loss(lambda c, r: rl.bradley_terry_loss(c, r))
+    check_bradley_terry_loss(lambda c, r: rl.bradley_terry_loss(c, r)[0])
+    check_dpo_loss(lambda pc, pr, rc, rr, beta: rl.dpo_loss(pc, pr, rc, rr, beta))
+    check_dpo_loss(lambda pc, pr, rc, rr, beta: rl.dpo_loss(pc, pr, rc, rr, beta)[0])
+    assert capsys.readouterr().out.count("passed") == 8
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
+def test_a_missing_return_and_the_course_function_are_named(check):
+    with pytest.raises(CheckFailed, match=r"returned None: is a `return` missing\?"):
+        check(lambda *args: None)
+    course_own = {check_gae: rl.gae, check_ppo_policy_loss: rl.ppo_policy_loss,
+                  check_bradley_terry_loss: rl.bradley_terry_loss, check_dpo_loss: rl.dpo_loss}[check]
+    with pytest.raises(CheckFailed, match=rf"course's own implementation \(nblib\.rl\.{course_own.__name__}\)"):
+        check(course_own)
+
+
+# ---------------------------------------------------------------------------- GAE mistakes
+
+
+def gae_bootstrapping_past_the_mask(rewards, values, mask, gamma, lam):
+    T = rewards.shape[1]
+    advantages, last = torch.zeros_like(rewards), torch.zeros(rewards.shape[0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else 0.0  # the padding's value, past the completion
+        last = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def gae_returns_are_reward_to_go(rewards, values, mask, gamma, lam):
+    advantages, _ = rl.gae(rewards, values, mask, gamma, lam)
+    returns, running = torch.zeros_like(rewards), torch.zeros(rewards.shape[0])
+    for t in reversed(range(rewards.shape[1])):
+        running = torch.where(mask[:, t], rewards[:, t] + gamma * running, running)
+        returns[:, t] = running * mask[:, t]
+    return advantages, returns
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    (gae_bootstrapping_past_the_mask, "bootstrap past the end of the mask"),
+    (gae_returns_are_reward_to_go, "returns must be advantages \\+ values"),
+    (lambda r, v, m, gamma, lam: rl.gae(r, v, m, lam, gamma), "gamma and lam swapped"),
+    (lambda r, v, m, gamma, lam: (rl.gae(r, v, m, gamma, lam)[0], rl.gae(r, v, m, gamma, lam)[0] + v),
+     "returns outside the mask must be 0"),
+    (lambda r, v, m, gamma, lam: rl.gae(r, v, m, gamma, lam)[0], "tuple \\(advantages, returns\\)"),
+    (lambda r, v, m, gamma, lam: rl.gae(r, v, m, gamma, 1.0),
+     "advantages on the masked tokens \\[row, column\\]: off by .* at index \\(3, 4\\)"),
+])
+def test_gae_mistakes_are_named(mistake, phrase):
+    with pytest.raises(CheckFailed, match=phrase):
+        check_gae(mistake)
+
+
+# ---------------------------------------------------------------------------- PPO mistakes
+
+
+def ppo(reduce_min=torch.minimum, average="tokens", clip_what="ratio", fixed_clip=None):
+    """A learner's PPO loss with one planted mistake."""
+    def loss_fn(logprobs, old_logprobs, advantages, mask, clip):
+        clip = fixed_clip or clip
+        ratio = (logprobs - old_logprobs).exp()
+        if clip_what == "ratio":
+            clipped = ratio.clamp(1 - clip, 1 + clip) * advantages
+        else:
+            clipped = ratio * advantages.clamp(1 - clip, 1 + clip)
+        per_token = -reduce_min(ratio * advantages, clipped)
+        if average == "tokens":
+            return (per_token * mask).sum() / mask.sum()
+        if average == "positions":
+            return (per_token * mask).mean()
+        return ((per_token * mask).sum(1) / mask.sum(1)).mean()  # rows
+    return loss_fn
+
+
+def test_ppo_planted_learner_is_right_without_mistakes(capsys):
+    check_ppo_policy_loss(ppo())
+    assert "passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    (ppo(reduce_min=torch.maximum), "takes the max of the two terms: .* pessimistic bound"),
+    (ppo(average="positions"), "averages over every position"),
+    (ppo(average="rows"), "averages each completion, then the completions"),
+    (ppo(clip_what="advantage"), "clips the advantage instead of the ratio"),
+    (ppo(fixed_clip=0.2), "whatever the clip argument"),
+    (lambda *a: ppo()(*a).item(), "returned a Python number .*no .item\\(\\)"),
+    (lambda *a: ppo()(*a).detach(), "the loss has no gradient"),
+    (lambda lp, old, a, m, clip: ppo()(lp, old, a, m, clip) + 0.0 * lp.sum() + 1e-3, "off by"),
+])
+def test_ppo_mistakes_are_named(mistake, phrase):
+    with pytest.raises(CheckFailed, match=phrase):
+        check_ppo_policy_loss(mistake)
+
+
+def test_ppo_gradient_must_match_not_only_the_value():
+    def stop_gradient_through_clipped(logprobs, old, advantages, mask, clip):
+        ratio = (logprobs - old).exp()
+        per_token = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).detach()
+        value = (per_token * mask).sum() / mask.sum()
+        return value + 0 * logprobs.sum()  # right value, no gradient of the policy
+
+    with pytest.raises(CheckFailed, match="gradient w.r.t. logprobs"):
+        check_ppo_policy_loss(stop_gradient_through_clipped)
+
+
+# ---------------------------------------------------------------------------- Bradley-Terry mistakes
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    (lambda c, r: -F.logsigmoid(r - c).mean(), "the sign is swapped"),
+    (lambda c, r: -torch.sigmoid(c - r).mean(), "the log is missing"),
+    (lambda c, r: (1 - torch.sigmoid(c - r)).mean(), "the log is missing"),
+    (lambda c, r: -torch.log(torch.sigmoid(c - r)).mean(), "underflows to log\\(0\\). Use F.logsigmoid"),
+    (lambda c, r: -F.logsigmoid(c - r).mean().item(), "returned a Python number"),
+    (lambda c, r: -F.logsigmoid(c - r).sum(), "sums over the pairs"),
+])
+def test_bradley_terry_mistakes_are_named(mistake, phrase):
+    with pytest.raises(CheckFailed, match=phrase):
+        check_bradley_terry_loss(mistake)
+
+
+# ---------------------------------------------------------------------------- DPO mistakes
+
+
+def dpo_forgets_the_reference(pc, pr, rc, rr, beta):
+    return -F.logsigmoid(beta * (pc - pr)).mean()
+
+
+def dpo_beta_outside(pc, pr, rc, rr, beta):
+    return -beta * F.logsigmoid((pc - rc) - (pr - rr)).mean()
+
+
+def dpo_not_ln2(pc, pr, rc, rr, beta):
+    return -torch.log(torch.sigmoid(beta * ((pc - rc) - (pr - rr))) + 1e-2).mean()
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    (dpo_forgets_the_reference, "forgets the reference model"),
+    (dpo_beta_outside, "applies beta outside the sigmoid"),
+    (dpo_not_ln2, "the loss must be ln 2"),
+    (lambda pc, pr, rc, rr, beta: -F.logsigmoid(beta * ((pr - rr) - (pc - rc))).mean(), "chosen and rejected swapped"),
+    (lambda pc, pr, rc, rr, beta: -F.logsigmoid((pc - rc) - (pr - rr)).mean(), "ignores beta"),
+    (lambda pc, pr, rc, rr, beta: float(-F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()),
+     "returned a Python number"),
+])
+def test_dpo_mistakes_are_named(mistake, phrase):
+    with pytest.raises(CheckFailed, match=phrase):
+        check_dpo_loss(mistake)
