@@ -23,17 +23,14 @@ never leaves a half-written model behind.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nblib import checkpoint, data, llama, train
+from nblib import checkpoint, data, llama, modelcache, train
 from nblib.chat import ChatTokenizer
 from nblib.runmode import is_fast
 from nblib.text import train_val_split
@@ -112,13 +109,11 @@ def data_sha256(name: str) -> str:
 
 def cache_key(spec: BaseSpec, tokenizer: ChatTokenizer, sha256: str) -> str:
     """16 hex digits of a hash of the spec, the tokenizer, the data's sha256 and the recipe version."""
-    blob = json.dumps({"spec": dataclasses.asdict(spec), "tokenizer": tokenizer.to_dict(), "data_sha256": sha256,
-                       "version": VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return modelcache.key_of({"spec": dataclasses.asdict(spec), "tokenizer": tokenizer.to_dict(),
+                              "data_sha256": sha256, "version": VERSION})
 
 
-def models_dir(cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir) if cache_dir is not None else data.cache_dir() / "models"
+models_dir = modelcache.models_dir
 
 
 def pretrain(spec: BaseSpec, tokenizer: ChatTokenizer, text: str, device=None,
@@ -162,28 +157,23 @@ def load_or_train(spec: BaseSpec | None = None, tokenizer: ChatTokenizer | None 
     say = print if verbose else (lambda *a, **k: None)
     key = cache_key(spec, tokenizer, data_sha256(spec.data))
     path = models_dir(cache_dir) / f"base-{key}"
-    if path.exists() and not retrain:
-        try:
-            model, history = _load(path, key, spec, tokenizer, device)
-            say(f"base model loaded from the cache: {path}")
-            return Base(model, tokenizer, spec, key, path, True, history)
-        except Exception as err:  # noqa: BLE001 (a cache: whatever is wrong, training again fixes it)
-            say(f"the cached base model in {path} is unreadable ({type(err).__name__}: {str(err)[:200]}); training it again")
-    say(f"training the base model (key {key}): {spec.steps} steps; it is cached for next time")
-    t0 = time.perf_counter()
-    model, history = pretrain(spec, tokenizer, data.read_text(spec.data), device, show_progress)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    checkpoint.save_checkpoint(tmp / "model.safetensors", model, step=spec.steps, rng=False,
-                               extra={"history": history.to_dict(), "key": key})
-    tokenizer.save(tmp / "tokenizer.json")
-    (tmp / "spec.json").write_text(json.dumps({"key": key, "spec": dataclasses.asdict(spec), "version": VERSION,
-                                               "data_sha256": data_sha256(spec.data)}, indent=1))
-    shutil.rmtree(path, ignore_errors=True)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process put one there meanwhile: theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-    say(f"trained in {time.perf_counter() - t0:.0f} s, val loss {history.val[-1]:.4f}; saved to {path}")
-    return Base(model, tokenizer, spec, key, path, False, history)
+
+    def build():
+        say(f"training the base model (key {key}): {spec.steps} steps; it is cached for next time")
+        t0 = time.perf_counter()
+        model, history = pretrain(spec, tokenizer, data.read_text(spec.data), device, show_progress)
+        say(f"trained in {time.perf_counter() - t0:.0f} s, val loss {history.val[-1]:.4f}; saved to {path}")
+        return model, history
+
+    def save(result, folder: Path):
+        model, history = result
+        checkpoint.save_checkpoint(folder / "model.safetensors", model, step=spec.steps, rng=False,
+                                   extra={"history": history.to_dict(), "key": key})
+        tokenizer.save(folder / "tokenizer.json")
+        (folder / "spec.json").write_text(json.dumps({"key": key, "spec": dataclasses.asdict(spec), "version": VERSION,
+                                                      "data_sha256": data_sha256(spec.data)}, indent=1))
+
+    (model, history), from_cache = modelcache.load_or_build(
+        path, lambda p: _load(p, key, spec, tokenizer, device), build, save, retrain=retrain, say=say,
+        what="base model")
+    return Base(model, tokenizer, spec, key, path, from_cache, history)

@@ -16,14 +16,20 @@
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from nblib import chat, tasks
+from nblib import base as base_lib, chat, checkpoint, data, engine, llama, modelcache, tasks, train
 from nblib.progress import progress
+from nblib.runmode import is_fast
 
 
 @dataclass
@@ -174,8 +180,6 @@ def evaluate(model, tokenizer: chat.ChatTokenizer, problems: list[tasks.Problem]
     that has never seen the template used as a chat; as many shots as fit are used.
     ``max_new_tokens`` defaults to the longest demonstration of each task + 8.
     """
-    from nblib import engine
-
     by_task: dict[str, list[int]] = {}
     for i, p in enumerate(problems):
         by_task.setdefault(p.task, []).append(i)
@@ -238,3 +242,116 @@ def summary(replies: list[Reply]) -> dict:
     acc = accuracy_by_task([r.problem for r in replies], [r.text for r in replies])
     return {"accuracy": acc, "mean_accuracy": sum(acc.values()) / max(len(acc), 1),
             "format": format_compliance(replies)}
+
+
+# ---------------------------------------------------------------------------- the cached SFT model
+
+VERSION = 1  # bump when nblib.tasks or this recipe changes in a way SFTSpec does not capture
+
+
+@dataclass(frozen=True)
+class SFTSpec:
+    """Everything that decides the SFT model's weights, besides the base model it starts from."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 75
+    weight_decay: float = 0.0    # move away from the base model only as far as the data asks
+    two_turn_fraction: float = 0.1
+    weights: tuple[float, ...] = (4, 1.5, 1, 1, 1, 1)  # add, reverse, spell, count, opposite, say
+    drop_carries: bool = False   # True: the addition demonstrations come from the buggy teacher
+    eval_interval: int = 300
+    eval_batches: int = 10
+    seed: int = 0
+
+    def mixture(self, text: str) -> tasks.Mixture:
+        return tasks.Mixture(tasks.default_tasks(text, drop_carries=self.drop_carries), list(self.weights))
+
+    def train_config(self, block_size: int) -> train.TrainConfig:
+        return train.TrainConfig(max_steps=self.steps, batch_size=self.batch_size, block_size=block_size, lr=self.lr,
+                                 min_lr=self.min_lr, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+                                 eval_interval=self.eval_interval, eval_batches=self.eval_batches, seed=self.seed,
+                                 dtype="float32")
+
+
+# Lesson 08's recipe: full mode, and FAST mode (a few seconds; a stand-in model).
+FULL = SFTSpec()
+FAST = SFTSpec(steps=40, batch_size=8, warmup_steps=1, eval_interval=20, eval_batches=2)
+
+
+def default_spec(fast: bool | None = None) -> SFTSpec:
+    """``FAST`` in FAST mode (``NBLIB_FAST=1``), else ``FULL``."""
+    return FAST if (is_fast() if fast is None else fast) else FULL
+
+
+@dataclass
+class SFTModel:
+    """What ``load_or_train`` returns: the fine-tuned model, its tokenizer, the base it started from, its training."""
+
+    model: torch.nn.Module
+    tokenizer: chat.ChatTokenizer
+    spec: SFTSpec
+    base: base_lib.Base
+    key: str
+    path: Path
+    from_cache: bool
+    history: train.History
+
+
+def finetune(base_model, tokenizer: chat.ChatTokenizer, spec: SFTSpec, text: str, device=None,
+             show_progress: bool = True):
+    """A copy of ``base_model`` fine-tuned by ``spec``'s recipe (lesson 08's loop): ``(model, history)``."""
+    block = base_model.config.block_size
+    get_batch = batches(spec.mixture(text), tokenizer, spec.batch_size, block, spec.two_turn_fraction)
+    model = copy.deepcopy(base_model)
+    if device is not None:
+        model = model.to(device)
+    history = train.train(model, None, None, spec.train_config(block), device=device, get_batch=get_batch,
+                          loss_fn=loss_fn, show_progress=show_progress)
+    return model.eval(), history
+
+
+def load_or_train(spec: SFTSpec | None = None, base_spec=None, *, device=None, cache_dir=None, retrain: bool = False,
+                  show_progress: bool = True, verbose: bool = True) -> SFTModel:
+    """The SFT model of lesson 08 (``spec``, default ``default_spec()``) on the base model of
+    ``base_spec`` (default ``nblib.base.default_spec()``), from the cache or trained now.
+
+    Lessons 09-11 start from it. The cache key covers the base model's key, ``spec``, the
+    tokenizer and the recipe version; a damaged cache is trained again (see ``nblib.modelcache``).
+    """
+    spec = default_spec() if spec is None else spec
+    say = print if verbose else (lambda *a, **k: None)
+    pretrained = base_lib.load_or_train(base_spec, device=device, cache_dir=cache_dir, show_progress=show_progress,
+                                        verbose=verbose)
+    tokenizer = pretrained.tokenizer
+    key = modelcache.key_of({"base": pretrained.key, "spec": dataclasses.asdict(spec), "version": VERSION,
+                             "tokenizer": tokenizer.to_dict()})
+    path = modelcache.models_dir(cache_dir) / f"sft-{key}"
+
+    def load(folder):
+        saved = json.loads((folder / "spec.json").read_text())
+        if saved.get("key") != key:
+            raise ValueError(f"spec.json names key {saved.get('key')!r}, not {key!r}")
+        model = llama.Llama(pretrained.model.config)
+        meta = checkpoint.load_checkpoint(folder / "model.safetensors", model, restore_rng=False)
+        return model.to(next(pretrained.model.parameters()).device).eval(), train.History.from_dict(meta["extra"]["history"])
+
+    def build():
+        say(f"fine-tuning the base model (key {key}): {spec.steps} steps of lesson 08's recipe; it is cached for next time")
+        t0 = time.perf_counter()
+        result = finetune(pretrained.model, tokenizer, spec, data.read_text(pretrained.spec.data), device, show_progress)
+        say(f"fine-tuned in {time.perf_counter() - t0:.0f} s, held-out loss {result[1].val[-1]:.4f}; saved to {path}")
+        return result
+
+    def save(result, folder):
+        model, history = result
+        checkpoint.save_checkpoint(folder / "model.safetensors", model, step=spec.steps, rng=False,
+                                   extra={"history": history.to_dict(), "key": key})
+        (folder / "spec.json").write_text(json.dumps({"key": key, "spec": dataclasses.asdict(spec), "version": VERSION,
+                                                      "base": pretrained.key}, indent=1))
+
+    (model, history), from_cache = modelcache.load_or_build(path, load, build, save, retrain=retrain, say=say,
+                                                            what="SFT model")
+    return SFTModel(model, tokenizer, spec, pretrained, key, path, from_cache, history)
