@@ -1,0 +1,159 @@
+"""Simulated preferences (lessons 09-10): a hidden rater, and pairs of replies it labels with noise.
+
+Real RLHF asks people which of two replies they prefer. A course on a CPU cannot, so a
+program plays the rater, and the lessons say so everywhere: these labels are
+**simulated, never human**.
+
+- ``Rater``: the hidden "true" score of a reply, here a lexicon sentiment: +1 for each
+  distinct kind word, -1 for each distinct grim one (``POSITIVE``, ``NEGATIVE``, words
+  that are common in tinyshakespeare), and optionally a penalty for each word that does
+  not exist (not in a vocabulary). The lessons show it to the learner, but never to the
+  reward model or to DPO: they see only the labelled pairs.
+- ``label_pairs``: for each prompt, every two of its K sampled replies whose true scores
+  differ make a pair; which one is "chosen" is drawn with Bradley-Terry noise,
+  P(a is chosen over b) = sigmoid((score_a - score_b) / noise), so a rater that is
+  almost indifferent flips a coin, as people do. Ties carry no preference and are skipped.
+- ``agreement``: the share of pairs whose chosen reply has the higher true score, the
+  ceiling of any reward model trained on these labels.
+- ``PairBatch`` / ``collate_pairs``: pairs as one right-padded batch, chosen rows first,
+  with the mask of completion tokens (for DPO's log-probs) and the index of each row's
+  last token (for the reward model's score).
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+POSITIVE = frozenset(
+    "good love true fair noble sweet honour heaven grace friends peace best gentle dear hope friend gracious joy "
+    "comfort happy kind faith mercy worthy honest beauty loving virtue brave pleasure merry loves pretty glad "
+    "blessed smile bless".split())
+NEGATIVE = frozenset(
+    "death blood fear dead die tears shame sorrow grief war grave hate false villain foul bloody woe traitor kill "
+    "weep slain sin fool enemy hell sad curse poison murder despair vile evil cruel wretched plague cursed".split())
+
+
+def words(text: str) -> list[str]:
+    """The lower-case words of ``text`` (letters and apostrophes)."""
+    return re.findall(r"[a-z']+", text.lower())
+
+
+@dataclass(frozen=True)
+class Rater:
+    """The hidden true score of a reply: distinct kind words minus distinct grim words,
+    minus ``unknown_penalty`` for every word not in ``vocabulary`` (when one is given)."""
+
+    positive: frozenset = POSITIVE
+    negative: frozenset = NEGATIVE
+    vocabulary: frozenset | None = field(default=None, repr=False)
+    unknown_penalty: float = 0.0
+
+    def __call__(self, text: str) -> float:
+        ws = words(text)
+        kinds = set(ws)
+        score = float(len(kinds & self.positive) - len(kinds & self.negative))
+        if self.vocabulary is not None and self.unknown_penalty:
+            score -= self.unknown_penalty * sum(w.strip("'") not in self.vocabulary for w in ws)
+        return score
+
+    def explain(self, text: str) -> str:
+        """The score with its reasons, for a learner reading samples."""
+        kinds = set(words(text))
+        parts = [f"+{sorted(kinds & self.positive)}" if kinds & self.positive else "",
+                 f"-{sorted(kinds & self.negative)}" if kinds & self.negative else ""]
+        if self.vocabulary is not None and self.unknown_penalty:
+            unknown = [w for w in words(text) if w.strip("'") not in self.vocabulary]
+            parts.append(f"unknown {unknown}" if unknown else "")
+        return f"{self(text):+.1f} " + " ".join(p for p in parts if p)
+
+
+def corpus_vocabulary(text: str, min_count: int = 2) -> frozenset:
+    """The words that occur at least ``min_count`` times in ``text`` (for ``Rater.vocabulary``)."""
+    counts: dict[str, int] = {}
+    for w in words(text):
+        w = w.strip("'")
+        counts[w] = counts.get(w, 0) + 1
+    return frozenset(w for w, c in counts.items() if c >= min_count)
+
+
+@dataclass
+class Pair:
+    """One labelled comparison: a prompt, the chosen and the rejected completion (token ids, the
+    end token included when the reply ended), and their true scores (hidden from the learners' models)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    chosen_score: float
+    rejected_score: float
+
+
+def label_pairs(prompts: list[list[int]], completions: list[list[list[int]]], scores: list[list[float]],
+                rng: random.Random, noise: float = 0.5) -> list[Pair]:
+    """Noisy Bradley-Terry labels for every pair of differently scored completions of each prompt.
+
+    ``completions[i]`` are prompt i's K samples, ``scores[i]`` their true scores. ``noise`` is
+    the rater's temperature: a score gap of ``noise`` is labelled right with probability
+    sigmoid(1) = 0.73, a gap of 1 at noise 0.5 with sigmoid(2) = 0.88.
+    """
+    if not len(prompts) == len(completions) == len(scores):
+        raise ValueError(f"one list of completions and of scores per prompt: got {len(prompts)} prompts, "
+                         f"{len(completions)} completion lists, {len(scores)} score lists")
+    if noise <= 0:
+        raise ValueError(f"noise must be > 0 (a temperature), got {noise}")
+    pairs = []
+    for prompt, comps, sc in zip(prompts, completions, scores):
+        for a in range(len(comps)):
+            for b in range(a + 1, len(comps)):
+                if sc[a] == sc[b]:
+                    continue  # a tie says nothing about which is better
+                p_a = 1 / (1 + math.exp(-(sc[a] - sc[b]) / noise))
+                win, lose = (a, b) if rng.random() < p_a else (b, a)
+                pairs.append(Pair(list(prompt), list(comps[win]), list(comps[lose]), sc[win], sc[lose]))
+    return pairs
+
+
+def agreement(pairs: list[Pair]) -> float:
+    """The share of pairs whose chosen completion has the higher true score."""
+    if not pairs:
+        raise ValueError("no pairs")
+    return sum(p.chosen_score > p.rejected_score for p in pairs) / len(pairs)
+
+
+@dataclass
+class PairBatch:
+    """``2B`` right-padded rows, prompt + completion: rows ``0..B-1`` chosen, ``B..2B-1`` rejected."""
+
+    ids: torch.Tensor         # [2B, T]
+    completion_mask: torch.Tensor  # [2B, T] bool: the completion's tokens
+    last: torch.Tensor        # [2B] index of each row's last real token
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.ids.to(device), self.completion_mask.to(device), self.last.to(device))
+
+    @property
+    def n_pairs(self) -> int:
+        return self.ids.shape[0] // 2
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int) -> PairBatch:
+    """Pairs as one ``PairBatch`` (chosen rows, then rejected rows), padded on the right."""
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    T = max(len(prompt) + len(comp) for prompt, comp in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    last = torch.empty(len(rows), dtype=torch.long)
+    for r, (prompt, comp) in enumerate(rows):
+        if not comp:
+            raise ValueError(f"pair {r % len(pairs)} has an empty completion: nothing to compare")
+        n = len(prompt) + len(comp)
+        ids[r, :n] = torch.tensor(list(prompt) + list(comp))
+        mask[r, len(prompt):n] = True
+        last[r] = n - 1
+    return PairBatch(ids, mask, last)
