@@ -321,6 +321,12 @@ def test_sft_loss_check_passes_a_right_loss_and_names_common_mistakes():
         checks.check_sft_loss(lambda *a: loss(*a, divide_by_all=True))
     with pytest.raises(CheckFailed, match="gradients flow"):
         checks.check_sft_loss(lambda *a: loss(*a, detach=True))
+    with pytest.raises(CheckFailed, match="predicts the \*next\* token"):  # no shift at all
+        checks.check_sft_loss(lambda lg, ids, m: (F.cross_entropy(lg.transpose(1, 2), ids, reduction="none") * m).sum()
+                              / m.sum())
+    with pytest.raises(CheckFailed, match="per-conversation means"):
+        checks.check_sft_loss(lambda lg, ids, m: torch.stack([loss(lg[b:b + 1], ids[b:b + 1], m[b:b + 1])
+                                                              for b in range(len(ids)) if m[b, 1:].any()]).mean())
     with pytest.raises(CheckFailed, match="gradient"):  # the loss on every token leaks gradient outside the mask
         checks.check_sft_loss(lambda lg, ids, m: loss(lg, ids, m) if not lg.requires_grad else
                               loss(lg, ids, torch.ones_like(m)))
@@ -333,12 +339,24 @@ def test_accuracy_check_passes_a_right_eval_and_catches_wrong_ones():
     from nblib.checks import sft as checks
 
     checks.check_per_task_accuracy(lambda problems, replies: sft.accuracy_by_task(problems, replies))
+    def graded(ps, rs, same=lambda r, a: r == a):
+        marks = {}
+        for p, r in zip(ps, rs):
+            if p.answer is not None:
+                marks.setdefault(p.task, []).append(same(r, p.answer))
+        return {t: sum(m) / len(m) for t, m in marks.items()}
+
     with pytest.raises(CheckFailed, match="spaces and case"):  # no normalising
+        checks.check_per_task_accuracy(graded)
+    with pytest.raises(CheckFailed, match="spaces and case"):  # the ends stripped, the inside not
+        checks.check_per_task_accuracy(lambda ps, rs: graded(ps, rs, lambda r, a: r.strip().lower() == a.lower()))
+    with pytest.raises(CheckFailed, match="open request"):  # open requests graded too
         checks.check_per_task_accuracy(lambda ps, rs: {
-            t: sum(r == p.answer for p, r in zip(ps, rs) if p.task == t) / sum(p.task == t for p in ps)
-            for t in {p.task for p in ps}})
-    with pytest.raises(CheckFailed, match="some wrong"):  # one accuracy over all tasks
-        checks.check_per_task_accuracy(lambda ps, rs: {t: sum(tasks.verify(p, r) for p, r in zip(ps, rs)) / len(ps)
-                                                       for t in {p.task for p in ps}})
+            t: sum(tasks.normalize(r) == tasks.normalize(p.answer or "") for p, r in zip(ps, rs) if p.task == t)
+            / sum(p.task == t for p in ps) for t in {p.task for p in ps}})
+    with pytest.raises(CheckFailed, match="accuracy of .add."):  # one accuracy over all tasks
+        checks.check_per_task_accuracy(lambda ps, rs: {t: sum(tasks.verify(p, r) for p, r in zip(ps, rs)
+                                                              if p.verifiable) / len(ps)
+                                                       for t in {p.task for p in ps if p.verifiable}})
     with pytest.raises(CheckFailed, match="dict"):
         checks.check_per_task_accuracy(lambda ps, rs: 0.5)

@@ -61,12 +61,24 @@ def check_sft_loss(sft_loss) -> None:
                                     reduction="none").view(ids.shape[0], -1)
         unshifted = (per_token * mask[:, :-1]).sum() / mask[:, :-1].sum()
         over_all = (per_token * mask[:, 1:]).sum() / per_token.numel()
+        keep = mask[:, 1:].float()
+        row_means = (per_token * keep).sum(1)[keep.sum(1) > 0] / keep.sum(1)[keep.sum(1) > 0]
+        per_row = row_means.mean()
+        same_position = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids.reshape(-1),
+                                        reduction="none").view(ids.shape)
+        no_shift = (same_position * mask).sum() / mask.sum()
         if abs(got_f - float(unshifted)) < 1e-5 and abs(float(unshifted) - float(want)) > 1e-4:
             raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} is the loss with the mask of the *input* tokens; "
                               "position t predicts token t+1, so the mask of the target (mask[:, 1:]) decides")
         if abs(got_f - float(over_all)) < 1e-5 and abs(float(over_all) - float(want)) > 1e-4:
             raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} divides by every position; the mean is over the "
                               f"masked targets only (expected {float(want):.4f})")
+        if abs(got_f - float(no_shift)) < 1e-5 and abs(float(no_shift) - float(want)) > 1e-4:
+            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} scores logits[:, t] against ids[:, t]; "
+                              "logits[:, t] predicts the *next* token ids[:, t + 1]: shift by one")
+        if abs(got_f - float(per_row)) < 1e-5 and abs(float(per_row) - float(want)) > 1e-4:
+            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} is a mean of per-conversation means; every "
+                              f"masked token weighs the same, whatever its row (expected {float(want):.4f})")
         expect_close(f"sft_loss on {what}", got_f, float(want), atol=1e-4, rtol=1e-4)
     # no gradient reaches logits whose target is outside the mask
     _, logits, ids, mask = next(_cases(9))
@@ -89,16 +101,23 @@ def check_per_task_accuracy(per_task_accuracy) -> None:
     add = tasks.Addition()
     problems = [add.problem(12, 34), add.problem(50, 50), add.problem(19, 80),
                 tasks.Problem("reverse", "Reverse night.", "thgin", "thgin"),
-                tasks.Problem("reverse", "Reverse dog.", "god", "god")]
+                tasks.Problem("reverse", "Reverse dog.", "god", "god"),
+                tasks.Problem("say", "Speak like a king.", "Now is the winter."),  # open: no answer, skipped
+                tasks.Problem("opposite", "Opposite of someone?", "no one", "no one")]
     cases = [
-        ("every reply right", ["46", "100", "99", "thgin", "god"], {"add": 1.0, "reverse": 1.0}),
-        ("some wrong", ["46", "10", "98", "thgin", "dog"], {"add": 1 / 3, "reverse": 0.5}),
-        ("spaces and case do not count", [" 46", "100 ", "99\n", "THGIN", "God"], {"add": 1.0, "reverse": 1.0}),
+        ("every reply right", ["46", "100", "99", "thgin", "god", "anything", "no one"],
+         {"add": 1.0, "reverse": 1.0, "opposite": 1.0}),
+        ("some wrong", ["46", "10", "98", "thgin", "dog", "", "noone"], {"add": 1 / 3, "reverse": 0.5, "opposite": 0.0}),
+        ("spaces and case do not count", [" 46", "100 ", "99\n", "THGIN", "God", "x", " No   one"],
+         {"add": 1.0, "reverse": 1.0, "opposite": 1.0}),
     ]
     for what, replies, want in cases:
         got = call_learner("per_task_accuracy", per_task_accuracy, list(problems), list(replies))
         if not isinstance(got, dict):
             raise CheckFailed(f"per_task_accuracy should return a dict {{task: accuracy}}, got {type(got).__name__}")
+        if "say" in got:
+            raise CheckFailed(f"per_task_accuracy ({what}): 'say' is an open request (answer None): "
+                              "skip it, it has no accuracy and no entry in the result")
         expect_equal(f"tasks in the result ({what})", sorted(got), sorted(want))
         for task, value in want.items():
             expect_close(f"accuracy of {task!r} ({what})", got[task], value, atol=1e-9, rtol=0)
