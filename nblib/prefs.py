@@ -6,8 +6,9 @@ program plays the rater, and the lessons say so everywhere: these labels are
 
 - ``Rater``: the hidden "true" score of a reply, here a lexicon sentiment: +1 for each
   distinct kind word, -1 for each distinct grim one (``POSITIVE``, ``NEGATIVE``, words
-  that are common in tinyshakespeare), and optionally a penalty for each word that does
-  not exist (not in a vocabulary). The lessons show it to the learner, but never to the
+  that are common in tinyshakespeare), -1 for every repetition of a word of either list
+  (a reader finds "good good good" broken, not kind), and optionally a penalty for each
+  word that does not exist (not in a vocabulary). The lessons show it to the learner, but never to the
   reward model or to DPO: they see only the labelled pairs.
 - ``label_pairs``: for each prompt, every two of its K sampled replies whose true scores
   differ make a pair; which one is "chosen" is drawn with Bradley-Terry noise,
@@ -44,18 +45,26 @@ def words(text: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Rater:
-    """The hidden true score of a reply: distinct kind words minus distinct grim words,
-    minus ``unknown_penalty`` for every word not in ``vocabulary`` (when one is given)."""
+    """The hidden true score of a reply: distinct kind words minus distinct grim words, minus
+    ``repeat_penalty`` for every occurrence of a kind or grim word after its first, minus
+    ``unknown_penalty`` for every word not in ``vocabulary`` (when one is given)."""
 
     positive: frozenset = POSITIVE
     negative: frozenset = NEGATIVE
+    repeat_penalty: float = 1.0
     vocabulary: frozenset | None = field(default=None, repr=False)
     unknown_penalty: float = 0.0
+
+    def repeats(self, text: str) -> int:
+        """Occurrences of lexicon words after their first."""
+        found = [w for w in words(text) if w in self.positive or w in self.negative]
+        return len(found) - len(set(found))
 
     def __call__(self, text: str) -> float:
         ws = words(text)
         kinds = set(ws)
         score = float(len(kinds & self.positive) - len(kinds & self.negative))
+        score -= self.repeat_penalty * self.repeats(text)
         if self.vocabulary is not None and self.unknown_penalty:
             score -= self.unknown_penalty * sum(w.strip("'") not in self.vocabulary for w in ws)
         return score
@@ -64,7 +73,8 @@ class Rater:
         """The score with its reasons, for a learner reading samples."""
         kinds = set(words(text))
         parts = [f"+{sorted(kinds & self.positive)}" if kinds & self.positive else "",
-                 f"-{sorted(kinds & self.negative)}" if kinds & self.negative else ""]
+                 f"-{sorted(kinds & self.negative)}" if kinds & self.negative else "",
+                 f"repeats {self.repeats(text)}" if self.repeat_penalty and self.repeats(text) else ""]
         if self.vocabulary is not None and self.unknown_penalty:
             unknown = [w for w in words(text) if w.strip("'") not in self.vocabulary]
             parts.append(f"unknown {unknown}" if unknown else "")

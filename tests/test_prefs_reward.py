@@ -13,9 +13,12 @@ TOK = chat.ChatTokenizer()
 def test_rater_counts_distinct_kind_and_grim_words():
     rater = prefs.Rater()
     assert rater("Good morrow, sweet love!") == 3
-    assert rater("love love love") == 1            # stuffing one word counts once
+    assert rater("love love love") == -1           # one kind word, repeated twice: stuffing is not kindness
+    assert rater("Or love good good: good good") == 2 - 3 and rater.repeats("good, good") == 1
+    assert prefs.Rater(repeat_penalty=0)("love love love") == 1
     assert rater("Death and blood, good sir.") == -1
     assert rater("") == 0
+    assert rater.explain("good good") == "+0.0 +['good'] repeats 1"
     strict = prefs.Rater(vocabulary=frozenset({"good", "sir"}), unknown_penalty=0.5)
     assert strict("good sir") == 1 and strict("good sirrr blah") == 0
     assert "+['good']" in strict.explain("good sirrr") and "unknown ['sirrr']" in strict.explain("good sirrr")

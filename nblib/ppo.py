@@ -1,0 +1,150 @@
+"""PPO for a language model (lesson 09), every piece written out, on ``nblib.engine`` and ``nblib.rl``.
+
+One iteration:
+1. **Rollout.** The policy samples a completion for each prompt (``nblib.engine.generate``,
+   stop at ``<|end|>``). We keep each token's log-prob under the policy, under the frozen
+   reference (the SFT model), and the value model's estimate before each token.
+2. **Rewards.** Each generated token t gets -kl_coef * (log pi(t) - log ref(t)) (the k1 KL
+   estimate: a price for every nat the policy moves away from the reference), and the last
+   token also gets the reward model's score of the whole reply.
+3. **Advantages.** GAE over the completion tokens (``rl.gae``), whitened over the batch.
+4. **Updates.** ``epochs`` passes over the rollouts in ``minibatches``: the clipped policy
+   loss (``rl.ppo_policy_loss``) plus ``vf_coef`` times the clipped value loss
+   (``rl.value_loss``), one ``nblib.train.Trainer`` step each.
+
+The policy and the value model are two separate networks in one module (``ActorCritic``),
+so that one optimizer, schedule and clipping serve both (the value model starts as the
+reward model, as in lm-human-preferences). Log-probs are taken at temperature 1: PPO's ratio
+must compare the distribution the tokens were sampled from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from nblib import engine, rl
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    prompts_per_iter: int = 64    # rollouts per iteration (one completion per prompt)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    kl_coef: float = 0.1          # price per nat of KL to the reference, on every token
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2             # policy ratio clipping
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    epochs: int = 4
+    minibatches: int = 2
+    whiten_advantages: bool = True
+    no_end_penalty: float | None = None  # replace the score of a reply that never ended (None: keep it)
+
+
+class ActorCritic(nn.Module):
+    """The policy (a language model) and the value model (``nblib.reward.ScalarHead``), trained together."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+
+@dataclass
+class Experience:
+    """One iteration's rollouts and everything the updates need, [N, T] aligned with ``ids``."""
+
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor            # completion tokens (the end token included)
+    logprobs: torch.Tensor        # under the policy that sampled them
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor          # value before each token
+    rewards: torch.Tensor         # per token: the KL price, plus the score on the last token
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor          # [N] the reward model's score of each reply
+    finished: torch.Tensor        # [N] the reply ended with <|end|>
+
+    def minibatch(self, rows: torch.Tensor) -> "Experience":
+        return Experience(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
+
+def token_values(value_model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N, T]: the value model's estimate *before* each token (its output at the previous position)."""
+    v = value_model(ids, attention_mask)
+    return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[N]: the column of each row's last True (a row must have one)."""
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, cols, -1).max(dim=1).values
+
+
+@torch.no_grad()
+def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]], cfg: PPOConfig, end_id: int,
+            pad_id: int, generator: torch.Generator | None = None) -> Experience:
+    """Sample, score and price one batch of completions (steps 1-3 above).
+
+    ``score_fn(ids, attention_mask, last) -> [N]`` scores whole sequences (the reward model).
+    """
+    ac.eval()
+    out = engine.generate(ac.policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+                          stop_tokens=[end_id], pad_id=pad_id, generator=generator)
+    ids, attn, mask = out.ids, out.attention_mask, out.completion_mask
+    empty = ~mask.any(dim=1)
+    if empty.any():  # cannot happen with max_new_tokens >= 1; a clear error beats a silent nan
+        raise ValueError("a rollout produced no completion token: use max_new_tokens >= 1")
+    _, logprobs = engine.sequence_logprobs(ac.policy, ids, mask, attn)
+    _, ref_logprobs = engine.sequence_logprobs(ref, ids, mask, attn)
+    values = token_values(ac.value, ids, attn)
+    last = last_token_index(mask)
+    scores = score_fn(ids, attn, last).float()
+    if cfg.no_end_penalty is not None:
+        scores = torch.where(out.finished, scores, torch.full_like(scores, cfg.no_end_penalty))
+    rewards = -cfg.kl_coef * rl.kl_estimate(logprobs, ref_logprobs, "k1", mask=mask)
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    rewards[torch.arange(len(last)), last] += scores
+    advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = rl.masked_whiten(advantages, mask)
+    return Experience(ids, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, scores,
+                      out.finished)
+
+
+def loss_fn(cfg: PPOConfig):
+    """A ``loss_fn(ac, experience_minibatch) -> (loss, metrics)`` for ``nblib.train.Trainer.step``."""
+    def ppo_loss(ac: ActorCritic, exp: Experience):
+        _, logprobs = engine.sequence_logprobs(ac.policy, exp.ids, exp.mask, exp.attention_mask)
+        pg_loss, pg_metrics = rl.ppo_policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, cfg.clip)
+        values = token_values(ac.value, exp.ids, exp.attention_mask)
+        v_loss, v_metrics = rl.value_loss(values, exp.values, exp.returns, exp.mask, cfg.value_clip)
+        return pg_loss + cfg.vf_coef * v_loss, {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(),
+                                                **pg_metrics, **v_metrics}
+    return ppo_loss
+
+
+def update(trainer, exp: Experience, cfg: PPOConfig, generator: torch.Generator | None = None) -> list[dict]:
+    """``cfg.epochs`` passes over ``exp`` in ``cfg.minibatches`` shuffled minibatches, one trainer step each."""
+    n = exp.ids.shape[0]
+    step_loss = loss_fn(cfg)
+    results = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        for rows in order.chunk(cfg.minibatches):
+            results.append(trainer.step([exp.minibatch(rows)], step_loss))
+    return results
+
+
+@torch.no_grad()
+def health(exp: Experience, ac: ActorCritic | None = None) -> dict[str, float]:
+    """The signals to watch: mean score, KL to the reference (nats per reply), reply length,
+    share of replies that ended, explained variance of the values (before the update)."""
+    kl_per_reply = (rl.kl_estimate(exp.logprobs, exp.ref_logprobs, "k1", mask=exp.mask)
+                    .where(exp.mask, torch.zeros(())).sum(1))
+    return {"score": exp.scores.mean().item(), "kl": kl_per_reply.mean().item(),
+            "length": exp.mask.sum(1).float().mean().item(), "ended": exp.finished.float().mean().item(),
+            "explained_variance": float(rl.explained_variance(exp.values, exp.returns, exp.mask))}
