@@ -67,18 +67,18 @@ def check_sft_loss(sft_loss) -> None:
         same_position = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids.reshape(-1),
                                         reduction="none").view(ids.shape)
         no_shift = (same_position * mask).sum() / mask.sum()
-        if abs(got_f - float(unshifted)) < 1e-5 and abs(float(unshifted) - float(want)) > 1e-4:
-            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} is the loss with the mask of the *input* tokens; "
-                              "position t predicts token t+1, so the mask of the target (mask[:, 1:]) decides")
-        if abs(got_f - float(over_all)) < 1e-5 and abs(float(over_all) - float(want)) > 1e-4:
-            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} divides by every position; the mean is over the "
-                              f"masked targets only (expected {float(want):.4f})")
-        if abs(got_f - float(no_shift)) < 1e-5 and abs(float(no_shift) - float(want)) > 1e-4:
-            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} scores logits[:, t] against ids[:, t]; "
-                              "logits[:, t] predicts the *next* token ids[:, t + 1]: shift by one")
-        if abs(got_f - float(per_row)) < 1e-5 and abs(float(per_row) - float(want)) > 1e-4:
-            raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} is a mean of per-conversation means; every "
-                              f"masked token weighs the same, whatever its row (expected {float(want):.4f})")
+        mistakes = [  # (what a typical mistake computes, what to say when the learner's value is that)
+            (unshifted, "is the loss with the mask of the *input* tokens; position t predicts token t+1, so the "
+                        "mask of the target (mask[:, 1:]) decides"),
+            (over_all, f"divides by every position; the mean is over the masked targets only (expected {float(want):.4f})"),
+            (no_shift, "scores logits[:, t] against ids[:, t]; logits[:, t] predicts the *next* token ids[:, t + 1]: "
+                       "shift by one"),
+            (per_row, "is a mean of per-conversation means; every masked token weighs the same, whatever its row "
+                      f"(expected {float(want):.4f})"),
+        ]
+        for wrong, message in mistakes:
+            if abs(got_f - float(wrong)) < 1e-5 and abs(float(wrong) - float(want)) > 1e-4:
+                raise CheckFailed(f"sft_loss on {what}: {got_f:.4f} {message}")
         expect_close(f"sft_loss on {what}", got_f, float(want), atol=1e-4, rtol=1e-4)
     # no gradient reaches logits whose target is outside the mask
     _, logits, ids, mask = next(_cases(9))
