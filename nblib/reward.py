@@ -26,7 +26,8 @@ class ScalarHead(nn.Module):
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
-        self.head = nn.Linear(lm.config.n_embd, 1)
+        weight = next(lm.parameters())
+        self.head = nn.Linear(lm.config.n_embd, 1, device=weight.device, dtype=weight.dtype)  # where the trunk is
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
