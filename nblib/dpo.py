@@ -41,6 +41,7 @@ def reference_logprobs(ref: nn.Module, pairs: list[prefs.Pair], pad_id: int, bat
 
     The frozen reference, run once in eval mode without gradients (its mode is restored after).
     Index it like the pairs: ``ref_logprobs[i]`` belongs to ``pairs[i]`` (see ``collate``).
+    Any model's pair log-probs are computed the same way (``implicit_rewards`` uses it too).
     """
     if not pairs:
         raise ValueError("reference_logprobs needs at least one pair")
@@ -104,20 +105,7 @@ def implicit_rewards(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: to
     if len(ref_logprobs) != len(pairs):
         raise ValueError(f"{len(ref_logprobs)} rows of reference log-probs for {len(pairs)} pairs: pass "
                          "reference_logprobs(ref, pairs, ...) of these very pairs")
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    try:
-        for start in range(0, len(pairs), batch_size):
-            batch = collate(pairs[start:start + batch_size], ref_logprobs[start:start + batch_size], pad_id)
-            logprobs = completion_logprobs(model, batch.pairs.to(device)).float().cpu()
-            B = batch.n_pairs
-            reward = beta * (logprobs - batch.ref_logprobs)
-            out.append(torch.stack([reward[:B], reward[B:]], dim=1))
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+    return beta * (reference_logprobs(model, pairs, pad_id, batch_size) - ref_logprobs)
 
 
 def implicit_reward_accuracy(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, beta: float,
