@@ -51,13 +51,17 @@ class Rollout:
     finished: torch.Tensor  # [N] bool: the row produced a stop token
     prompt_len: int  # P
 
-    def completions(self) -> list[list[int]]:
-        """The generated ids of each row, without the stop token."""
-        out = []
-        for row, mask, done in zip(self.ids.tolist(), self.completion_mask.tolist(), self.finished.tolist()):
-            tokens = [t for t, m in zip(row, mask) if m]
-            out.append(tokens[:-1] if done else tokens)
-        return out
+    def completions(self, keep_stop: bool = False) -> list[list[int]]:
+        """The generated ids of each row, without the stop token (with it when ``keep_stop``)."""
+        rows = completion_tokens(self.ids, self.completion_mask)
+        if keep_stop:
+            return rows
+        return [tokens[:-1] if done else tokens for tokens, done in zip(rows, self.finished.tolist())]
+
+
+def completion_tokens(ids: torch.Tensor, completion_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's ids where ``completion_mask`` is True (a reply as the policy wrote it, stop token included)."""
+    return [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids.tolist(), completion_mask.tolist())]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,

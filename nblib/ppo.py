@@ -12,6 +12,8 @@ One iteration:
    loss (``rl.ppo_policy_loss``) plus ``vf_coef`` times the clipped value loss
    (``rl.value_loss``), one ``nblib.train.Trainer`` step each.
 
+``run`` is the whole loop, with the health signals recorded at every iteration.
+
 The policy and the value model are two separate networks in one module (``ActorCritic``),
 so that one optimizer, schedule and clipping serve both (the value model starts as the
 reward model, as in lm-human-preferences). Log-probs are taken at temperature 1: PPO's ratio
@@ -19,12 +21,15 @@ must compare the distribution the tokens were sampled from.
 """
 from __future__ import annotations
 
+import copy
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from nblib import engine, rl
+from nblib import engine, rl, train
+from nblib.progress import progress
 
 
 @dataclass(frozen=True)
@@ -148,3 +153,45 @@ def health(exp: Experience, ac: ActorCritic | None = None) -> dict[str, float]:
     return {"score": exp.scores.mean().item(), "kl": kl_per_reply.mean().item(),
             "length": exp.mask.sum(1).float().mean().item(), "ended": exp.finished.float().mean().item(),
             "explained_variance": float(rl.explained_variance(exp.values, exp.returns, exp.mask))}
+
+
+@torch.no_grad()
+def mean_entropy(model: nn.Module, exp: Experience) -> float:
+    """The policy's mean next-token entropy over the reply tokens (the logits at t - 1 drew token t)."""
+    logits, _ = model(exp.ids[:, :-1], attention_mask=exp.attention_mask[:, :-1])
+    return rl.entropy_from_logits(logits, exp.mask[:, 1:]).item()
+
+
+def run(policy: nn.Module, reward_model: nn.Module, ref: nn.Module, prompts: list[list[int]], cfg: PPOConfig,
+        iters: int, end_id: int, pad_id: int, lr: float = 3e-4, seed: int = 0, extra=None,
+        desc: str = "PPO") -> tuple[nn.Module, list[dict]]:
+    """PPO from copies of ``policy`` and ``reward_model`` (the value model starts as the reward model,
+    which also scores the replies): ``iters`` iterations of ``cfg.prompts_per_iter`` prompts drawn with
+    random.Random(seed), one AdamW (constant ``lr``, gradient clipping 1) for policy and value model.
+
+    Returns (the trained policy in eval mode, one dict per iteration): ``health`` before the update,
+    ``extra(exp)``'s entries (e.g. a true score), ``entropy``, and the update's mean ``clip_fraction``,
+    ``approx_kl`` and ``value_loss``.
+    """
+    torch.manual_seed(seed)
+    ac = ActorCritic(copy.deepcopy(policy), copy.deepcopy(reward_model))
+    trainer = train.Trainer(ac, train.TrainConfig(max_steps=iters * cfg.epochs * cfg.minibatches, lr=lr, min_lr=lr,
+                                                  warmup_steps=0, weight_decay=0.0, dtype="float32", grad_clip=1.0,
+                                                  log_interval=50))
+    generator, draw = torch.Generator().manual_seed(seed), random.Random(seed)
+
+    def score_fn(ids, attention_mask, last):
+        return reward_model.score(ids, last, attention_mask)
+
+    log = []
+    for _ in progress(range(iters), desc=desc):
+        exp = rollout(ac, ref, score_fn, [draw.choice(prompts) for _ in range(cfg.prompts_per_iter)], cfg, end_id,
+                      pad_id, generator)
+        signals = health(exp)
+        signals.update(extra(exp) if extra is not None else {})
+        signals["entropy"] = mean_entropy(ac.policy, exp)
+        results = update(trainer, exp, cfg, generator)
+        for name in ("clip_fraction", "approx_kl", "value_loss"):
+            signals[name] = torch.stack([r[name] for r in results]).mean().item()
+        log.append(signals)
+    return ac.policy.eval(), log

@@ -19,6 +19,10 @@ program plays the rater, and the lessons say so everywhere: these labels are
 - ``PairBatch`` / ``collate_pairs``: pairs as one right-padded batch, chosen rows first,
   with the mask of completion tokens (for DPO's log-probs) and the index of each row's
   last token (for the reward model's score).
+- ``simulated_pairs``: lesson 09's whole recipe in one call (sample K replies per prompt,
+  score them with the rater, label, shuffle, hold out), so that lesson 10 trains on the
+  very pairs lesson 09 made; ``evaluate_policy`` and ``win_rate``: how both lessons measure
+  a policy (true score, KL to the reference, win rate against it).
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+
+from nblib import chat, engine, ppo
+from nblib.progress import progress
 
 POSITIVE = frozenset(
     "good love true fair noble sweet honour heaven grace friends peace best gentle dear hope friend gracious joy "
@@ -167,3 +174,94 @@ def collate_pairs(pairs: list[Pair], pad_id: int) -> PairBatch:
         mask[r, len(prompt):n] = True
         last[r] = n - 1
     return PairBatch(ids, mask, last)
+
+
+def by_truth(pairs: list[Pair]) -> list[Pair]:
+    """Each pair turned so that the completion with the higher true score comes first (ties kept as they are)."""
+    return [p if p.chosen_score >= p.rejected_score else Pair(p.prompt, p.rejected, p.chosen, p.rejected_score,
+                                                              p.chosen_score) for p in pairs]
+
+
+# ---------------------------------------------------------------------------- the data of lessons 09 and 10
+
+def sample_groups(model, prompts: list[list[int]], k: int, max_new_tokens: int, end_id: int, pad_id: int,
+                  generator: torch.Generator | None = None, batch_size: int = 64,
+                  desc: str = "sampling") -> list[list[list[int]]]:
+    """``k`` replies to each prompt at temperature 1, ``batch_size`` prompts per ``engine.generate`` call:
+    ``groups[i]`` are ``prompts[i]``'s replies, each with its end token when it wrote one (the reward model
+    judges a reply as the policy wrote it, ending included)."""
+    groups = []
+    for start in progress(range(0, len(prompts), batch_size), desc=desc):
+        out = engine.generate(model, prompts[start:start + batch_size], max_new_tokens, num_samples=k,
+                              temperature=1.0, stop_tokens=[end_id], pad_id=pad_id, generator=generator)
+        rows = out.completions(keep_stop=True)
+        groups += [rows[i:i + k] for i in range(0, len(rows), k)]
+    return groups
+
+
+@dataclass
+class PreferenceData:
+    """What ``simulated_pairs`` made, every step kept for the lessons to show."""
+
+    prompts: list[list[int]]            # the prompt of each group
+    groups: list[list[list[int]]]       # K replies per prompt (token ids, end token included)
+    texts: list[list[str]]              # their texts (chat.reply_text)
+    scores: list[list[float]]           # their true scores (the rater's)
+    pairs: list[Pair]                   # every labelled pair, shuffled: the held-out ones first
+    train: list[Pair]
+    val: list[Pair]
+
+
+def simulated_pairs(model, tokenizer, prompts: list[list[int]], rater, n_prompts: int, k: int = 4,
+                    max_new_tokens: int = 60, noise: float = 0.5, heldout_fraction: float = 0.1,
+                    batch_size: int = 64, seed: int = 0) -> PreferenceData:
+    """Lesson 09's preference data: ``n_prompts`` prompts drawn from ``prompts`` with random.Random(seed),
+    ``k`` replies each sampled with torch.Generator().manual_seed(seed), scored by ``rater``, labelled by
+    ``label_pairs`` with random.Random(seed + 1), shuffled with random.Random(seed + 2), and the first
+    max(4, ``heldout_fraction``) of them held out."""
+    pick = random.Random(seed)
+    chosen_prompts = [pick.choice(prompts) for _ in range(n_prompts)]
+    groups = sample_groups(model, chosen_prompts, k, max_new_tokens, tokenizer.end_id, tokenizer.pad_id,
+                           torch.Generator().manual_seed(seed), batch_size)
+    texts = [[chat.reply_text(c, tokenizer) for c in g] for g in groups]
+    scores = [[rater(x) for x in g] for g in texts]
+    pairs = label_pairs(chosen_prompts, groups, scores, random.Random(seed + 1), noise=noise)
+    if len(pairs) < 8:
+        raise ValueError(f"only {len(pairs)} labelled pairs from {n_prompts} prompts x {k} replies: "
+                         "sample more prompts (or replies per prompt)")
+    random.Random(seed + 2).shuffle(pairs)
+    n_heldout = max(4, int(len(pairs) * heldout_fraction))
+    return PreferenceData(chosen_prompts, groups, texts, scores, pairs, pairs[n_heldout:], pairs[:n_heldout])
+
+
+@torch.no_grad()
+def evaluate_policy(model, ref, prompts: list[list[int]], rater, tokenizer, max_new_tokens: int = 48,
+                    seed: int = 123, reward_model=None) -> dict:
+    """One reply per prompt at temperature 1, drawn with torch.Generator().manual_seed(seed), so that two
+    models draw on the same random numbers. Returns ``true`` (the rater's mean score), ``kl`` (nats per
+    reply: sum over the reply of log pi - log ref, on the model's own samples, so its mean is the KL),
+    ``length`` (reply tokens), ``texts``, ``scores``, and ``proxy`` (the reward model's mean score) when
+    ``reward_model`` is given."""
+    model.eval()
+    out = engine.generate(model, prompts, max_new_tokens, temperature=1.0, stop_tokens=[tokenizer.end_id],
+                          pad_id=tokenizer.pad_id, generator=torch.Generator().manual_seed(seed))
+    texts = [chat.reply_text(c, tokenizer) for c in out.completions()]
+    _, logprobs = engine.sequence_logprobs(model, out.ids, out.completion_mask, out.attention_mask)
+    _, ref_logprobs = engine.sequence_logprobs(ref, out.ids, out.completion_mask, out.attention_mask)
+    kl = torch.where(out.completion_mask, logprobs - ref_logprobs, 0).sum(1)
+    scores = [rater(x) for x in texts]
+    result = {"true": sum(scores) / len(scores), "kl": kl.mean().item(),
+              "length": out.completion_mask.sum(1).float().mean().item(), "texts": texts, "scores": scores}
+    if reward_model is not None:
+        last = ppo.last_token_index(out.completion_mask)
+        result["proxy"] = reward_model.score(out.ids, last, out.attention_mask).mean().item()
+    return result
+
+
+def win_rate(scores: list[float], ref_scores: list[float]) -> tuple[float, int, int]:
+    """(rate, wins, ties): each reply against the reference's reply to the same prompt, a tie counting 1/2."""
+    if len(scores) != len(ref_scores) or not scores:
+        raise ValueError(f"one reference score per score: got {len(scores)} and {len(ref_scores)}")
+    wins = sum(a > b for a, b in zip(scores, ref_scores))
+    ties = sum(a == b for a, b in zip(scores, ref_scores))
+    return (wins + ties / 2) / len(scores), wins, ties

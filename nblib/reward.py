@@ -10,14 +10,17 @@ the last hidden state at every position to a single number:
   on (``forward``).
 
 The head starts at zero, so every reply scores 0 at first and the Bradley-Terry loss
-starts at exactly ln 2.
+starts at exactly ln 2. ``train_reward_model`` is lesson 09's recipe: every weight of a
+copy of the language model trained with ``nblib.train`` on random pairs.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
 
-from nblib import prefs, rl
+from nblib import prefs, rl, train
 
 
 class ScalarHead(nn.Module):
@@ -82,3 +85,27 @@ def score_texts(model: ScalarHead, prompts: list[list[int]], completions: list[l
         device = next(model.parameters()).device
         out.append(model.score(ids.to(device), last.to(device)).cpu())
     return torch.cat(out)
+
+
+def pair_batches(train_pairs: list[prefs.Pair], val_pairs: list[prefs.Pair], batch_size: int, pad_id: int):
+    """A ``get_batch(split, generator)`` for ``nblib.train``: ``batch_size`` random pairs of the split
+    ("train", or any other split name for the held-out pairs), as one ``prefs.PairBatch``."""
+    def get_batch(split: str, generator: torch.Generator | None = None) -> prefs.PairBatch:
+        source = train_pairs if split == "train" else val_pairs
+        picks = torch.randint(0, len(source), (batch_size,), generator=generator).tolist()
+        return prefs.collate_pairs([source[i] for i in picks], pad_id)
+    return get_batch
+
+
+def train_reward_model(lm: nn.Module, train_pairs: list[prefs.Pair], val_pairs: list[prefs.Pair], pad_id: int,
+                       steps: int = 300, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                       show_progress: bool = True) -> tuple[ScalarHead, train.History]:
+    """A ``ScalarHead`` on a copy of ``lm``, trained with the Bradley-Terry loss for ``steps`` steps
+    (cosine to lr/10, 5% warmup, no weight decay); returns (the model in eval mode, its History)."""
+    model = ScalarHead(copy.deepcopy(lm))
+    cfg = train.TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
+                            warmup_steps=max(1, steps // 20), weight_decay=0.0, eval_interval=max(1, steps // 4),
+                            eval_batches=4, dtype="float32", seed=seed)
+    history = train.train(model, None, None, cfg, get_batch=pair_batches(train_pairs, val_pairs, batch_size, pad_id),
+                          loss_fn=loss_fn, show_progress=show_progress)
+    return model.eval(), history

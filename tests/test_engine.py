@@ -239,3 +239,11 @@ def test_bad_arguments_are_clear_errors():
         engine.generate(model, [[1]], 3, num_samples=0)
     r = engine.generate(model, [[1, 2], [3]], 0)  # nothing to generate: the prompts come back
     assert r.ids.tolist() == [[1, 2], [0, 3]] and not r.completion_mask.any() and r.completions() == [[], []]
+
+
+def test_completions_keep_the_stop_token_when_asked():
+    ids = torch.tensor([[9, 4, 5, 2, 0], [9, 6, 7, 8, 1]])
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    r = engine.Rollout(ids, mask | (torch.arange(5) == 0), mask, torch.zeros(2, 5), torch.tensor([True, False]), 1)
+    assert r.completions(keep_stop=True) == [[4, 5, 2], [6, 7, 8, 1]] == engine.completion_tokens(ids, mask)
+    assert r.completions() == [[4, 5], [6, 7, 8, 1]]

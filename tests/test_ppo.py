@@ -98,3 +98,35 @@ def test_ppo_learns_to_say_a_rewarded_character():
         seen.append(exp.scores.mean().item())
         ppo.update(trainer, exp, cfg, g)
     assert sum(seen[-3:]) / 3 > sum(seen[:3]) / 3 + 3.0, seen  # from ~0.1 to most of the 8 tokens
+
+
+def test_run_is_reproducible_records_health_and_leaves_its_inputs_alone():
+    policy = tiny(3).eval()
+    rm = reward.ScalarHead(copy.deepcopy(policy)).eval()
+    torch.nn.init.normal_(rm.head.weight, std=0.5)
+    start = [p.clone() for p in policy.parameters()] + [p.clone() for p in rm.parameters()]
+    cfg = ppo.PPOConfig(prompts_per_iter=6, max_new_tokens=6, epochs=1, minibatches=2)
+
+    def go(seed):
+        return ppo.run(policy, rm, policy, prompts(), cfg, 3, TOK.end_id, TOK.pad_id, lr=1e-2, seed=seed,
+                       extra=lambda exp: {"rows": float(exp.ids.shape[0])}, desc="test")
+
+    trained, log = go(0)
+    assert len(log) == 3 and all(h["rows"] == 6.0 for h in log)
+    assert set(log[0]) == {"score", "kl", "length", "ended", "explained_variance", "rows", "entropy",
+                           "clip_fraction", "approx_kl", "value_loss"}
+    assert abs(log[0]["kl"]) < 1e-5 and log[-1]["kl"] != 0  # the policy starts as the reference, then moves
+    assert go(0)[1] == log and go(1)[1] != log
+    assert not trained.training and trained is not policy
+    assert all(torch.equal(a, b) for a, b in zip(start, list(policy.parameters()) + list(rm.parameters())))
+
+
+def test_mean_entropy_is_the_entropy_of_the_next_token_distributions():
+    policy = tiny(1).eval()
+    ac = ppo.ActorCritic(policy, reward.ScalarHead(copy.deepcopy(policy)))
+    exp = ppo.rollout(ac, policy, lambda ids, attn, last: torch.zeros(len(last)), prompts(3),
+                      ppo.PPOConfig(max_new_tokens=5), TOK.end_id, TOK.pad_id, torch.Generator().manual_seed(0))
+    logits, _ = policy(exp.ids, attention_mask=exp.attention_mask)
+    entropy = torch.distributions.Categorical(logits=logits[:, :-1]).entropy()   # position t - 1 predicts token t
+    want = entropy[exp.mask[:, 1:]].mean().item()
+    assert abs(ppo.mean_entropy(policy, exp) - want) < 1e-5

@@ -100,3 +100,56 @@ def test_a_few_steps_learn_an_easy_preference():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1 and reward.pair_accuracy(rm, pairs, TOK.pad_id) == 1.0
+
+
+def test_by_truth_and_win_rate():
+    turned = prefs.by_truth([prefs.Pair([1], [5], [6], 0.0, 2.0), prefs.Pair([1], [7], [8], 1.0, -1.0)])
+    assert [(p.chosen, p.chosen_score) for p in turned] == [([6], 2.0), ([7], 1.0)]
+    assert prefs.win_rate([1.0, 0.0, 2.0, 0.0], [0.0, 0.0, 3.0, -1.0]) == (0.625, 2, 1)   # (2 wins + 1 tie / 2) / 4
+    with pytest.raises(ValueError, match="one reference score per score"):
+        prefs.win_rate([1.0], [1.0, 2.0])
+
+
+def test_simulated_pairs_are_reproducible_and_hold_out_the_first_pairs():
+    lm = tiny_lm(1).eval()
+    prompts = [chat.render_prompt([{"role": "user", "content": q}], TOK) for q in ("Hi", "Yo", "Say a")]
+    rater = prefs.Rater(frozenset("aeiou"), frozenset("xyz"))   # a tiny model writes letters, not words
+    data = prefs.simulated_pairs(lm, TOK, prompts, rater, n_prompts=40, k=4, max_new_tokens=12, seed=3)
+    again = prefs.simulated_pairs(lm, TOK, prompts, rater, n_prompts=40, k=4, max_new_tokens=12, seed=3)
+    assert data.pairs == again.pairs and data.pairs != prefs.simulated_pairs(
+        lm, TOK, prompts, rater, n_prompts=40, k=4, max_new_tokens=12, seed=4).pairs
+    assert len(data.groups) == 40 and all(len(g) == 4 for g in data.groups)
+    assert data.scores == [[rater(chat.reply_text(c, TOK)) for c in g] for g in data.groups]
+    assert data.val == data.pairs[:len(data.val)] and data.train == data.pairs[len(data.val):]
+    assert len(data.val) == max(4, int(0.1 * len(data.pairs)))
+    assert all(p.chosen_score != p.rejected_score and p.prompt in prompts for p in data.pairs)
+    with pytest.raises(ValueError, match="sample more prompts"):
+        prefs.simulated_pairs(lm, TOK, prompts, prefs.Rater(frozenset(), frozenset()), n_prompts=4, k=2,
+                              max_new_tokens=8)
+
+
+def test_evaluate_policy_measures_no_kl_against_itself_and_more_against_another_model():
+    lm, other = tiny_lm(1).eval(), tiny_lm(2).eval()
+    with torch.no_grad():   # a sharper model than the near-uniform reference: far from it in KL
+        for p in other.parameters():
+            p.mul_(4)
+    prompts = [chat.render_prompt([{"role": "user", "content": q}], TOK) for q in ("Hi", "Yo")] * 4
+    rater = prefs.Rater(frozenset("aeiou"), frozenset("xyz"))
+    same = prefs.evaluate_policy(lm, lm, prompts, rater, TOK, max_new_tokens=10, reward_model=reward.ScalarHead(lm))
+    assert abs(same["kl"]) < 1e-5 and same["proxy"] == 0.0 and len(same["texts"]) == len(prompts)
+    assert same["true"] == sum(same["scores"]) / len(prompts) and 1 <= same["length"] <= 10
+    assert prefs.evaluate_policy(other, lm, prompts, rater, TOK, max_new_tokens=10)["kl"] > 1.0
+    # the same seed: the same replies, so that two models are compared on the same random numbers
+    assert prefs.evaluate_policy(lm, lm, prompts, rater, TOK, max_new_tokens=10)["texts"] == same["texts"]
+
+
+def test_train_reward_model_starts_at_ln2_and_leaves_the_language_model_alone():
+    lm = tiny_lm()
+    before = [p.clone() for p in lm.parameters()]
+    good, bad = TOK.encode("good")[0], TOK.encode("x")[0]
+    pairs = [prefs.Pair([1], [good, good, 3], [bad, bad, 3], 1.0, 0.0)] * 16
+    rm, history = reward.train_reward_model(lm, pairs, pairs[:4], TOK.pad_id, steps=40, batch_size=8, lr=1e-2,
+                                            show_progress=False)
+    assert abs(history.loss[0] - math.log(2)) < 1e-6 and history.loss[-1] < 0.1
+    assert not rm.training and reward.pair_accuracy(rm, pairs, TOK.pad_id) == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.parameters()))

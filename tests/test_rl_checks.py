@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from nblib import rl
 from nblib.checks import CheckFailed
-from nblib.checks.rl import check_bradley_terry_loss, check_dpo_loss, check_gae, check_ppo_policy_loss
+from nblib.checks.rl import (check_bradley_terry_loss, check_dpo_loss, check_gae, check_ppo_policy_loss,
+                              check_reply_logprobs)
 
 CHECKS = [check_gae, check_ppo_policy_loss, check_bradley_terry_loss, check_dpo_loss]
 
@@ -167,3 +168,47 @@ def dpo_not_ln2(pc, pr, rc, rr, beta):
 def test_dpo_mistakes_are_named(mistake, phrase):
     with pytest.raises(CheckFailed, match=phrase):
         check_dpo_loss(mistake)
+
+
+# ---------------------------------------------------------------------------- a reply's summed log-prob
+
+
+def reply_logprobs_right(logits, ids, mask):
+    taken = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (taken * mask[:, 1:]).sum(-1)
+
+
+def test_reply_logprobs_passes_a_right_answer_and_the_engine_agrees(capsys):
+    check_reply_logprobs(reply_logprobs_right)
+    check_reply_logprobs(lambda logits, ids, mask: torch.where(
+        mask[:, 1:], torch.distributions.Categorical(logits=logits[:, :-1]).log_prob(ids[:, 1:]), 0.0).sum(-1))
+    assert capsys.readouterr().out.count("passed") == 2
+    # the same numbers as the engine's (which DPO uses), on a real model's logits
+    from nblib import chat, engine, llama
+    tok = chat.ChatTokenizer()
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    ids = torch.randint(4, tok.vocab_size, (3, 10))
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[:, 4:] = True
+    logits, _ = model(ids)
+    torch.testing.assert_close(reply_logprobs_right(logits, ids, mask), engine.sequence_logprobs(model, ids, mask)[0])
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    (lambda lg, ids, m: (lg.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1) * m).sum(-1), "its own column"),
+    (lambda lg, ids, m: (lg[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * m[:, :-1]).sum(-1),
+     "but not the mask"),
+    (lambda lg, ids, m: lg[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).sum(-1), "every position"),
+    (lambda lg, ids, m: reply_logprobs_right(lg, ids, m) / m[:, 1:].sum(-1), "averages"),
+    (lambda lg, ids, m: (lg[:, :-1].softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * m[:, 1:]).sum(-1),
+     "sums probabilities"),
+    (lambda lg, ids, m: (lg.log_softmax(1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1) * m[:, 1:]).sum(-1),
+     "wrong dimension"),
+    (lambda lg, ids, m: reply_logprobs_right(lg, ids, m).sum(), r"shape \(4,\)"),
+    (lambda lg, ids, m: reply_logprobs_right(lg, ids, m).detach(), "no gradient"),
+    (lambda lg, ids, m: None, r"returned None: is a `return` missing\?"),
+])
+def test_reply_logprobs_mistakes_are_named(mistake, phrase):
+    with pytest.raises(CheckFailed, match=phrase):
+        check_reply_logprobs(mistake)

@@ -1,5 +1,5 @@
 """Checks for lessons 09 and 10: GAE, PPO's clipped policy loss, the reward model's
-Bradley-Terry loss, and DPO.
+Bradley-Terry loss, a reply's summed log-probability, and DPO.
 
 Each check runs the learner's function on small seeded cases and compares with
 ``nblib.rl``. When an answer is off, the check computes the usual mistakes on the same
@@ -307,3 +307,65 @@ def check_dpo_loss(dpo_loss) -> None:
                 raise CheckFailed(f"{what}: no gradient reached {name}")
             expect_close(f"{what}: gradient w.r.t. {name}", leaf.grad, ref.grad, atol=1e-7, rtol=RTOL)
     passed("dpo_loss")
+
+
+def _reply_logprobs(logits, ids, mask):
+    """The reference: log p(ids[:, t] | logits[:, t - 1]) summed over the masked columns (by cross-entropy)."""
+    taken = -F.cross_entropy(logits[:, :-1].double().transpose(1, 2), ids[:, 1:], reduction="none")
+    return torch.where(mask[:, 1:], taken, 0.0).sum(-1)
+
+
+def _reply_mistakes(logits, ids, mask):
+    logp = logits.double().log_softmax(-1)
+    same_column = logp.gather(-1, ids[..., None]).squeeze(-1)          # logits[:, t] scored against ids[:, t]
+    shifted = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    probs = logits.double().softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    wrong_dim = logits.double().log_softmax(1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return [
+        (torch.where(mask, same_column, 0.0).sum(-1),
+         "scores each token with the logits of its own column: logits[:, t] predict the *next* token, ids[:, t + 1], "
+         "so pair logits[:, :-1] with ids[:, 1:] (and the mask's columns 1:)"),
+        (torch.where(mask[:, :-1], shifted, 0.0).sum(-1),
+         "shifts the logits and ids but not the mask: the log-prob of ids[:, t + 1] counts where completion_mask[:, t + 1] "
+         "is True, so use completion_mask[:, 1:]"),
+        (shifted.sum(-1), "sums over every position, the prompt and the padding too: keep only the reply's tokens "
+                          "(completion_mask)"),
+        (torch.where(mask[:, 1:], shifted, 0.0).sum(-1) / mask[:, 1:].sum(-1),
+         "averages over the reply's tokens: DPO compares whole replies, log pi(y|x) = the *sum* of their log-probs"),
+        (torch.where(mask[:, 1:], probs, 0.0).sum(-1), "sums probabilities: take the log-softmax, not the softmax"),
+        (torch.where(mask[:, 1:], wrong_dim, 0.0).sum(-1),
+         "normalises over the wrong dimension: the log-softmax runs over the vocabulary, dim=-1"),
+    ]
+
+
+def check_reply_logprobs(reply_logprobs) -> None:
+    """``reply_logprobs(logits, ids, completion_mask)`` -> [N]: each row's log-probs summed over its reply tokens,
+    ``logits[:, t]`` predicting ``ids[:, t + 1]``."""
+    g = torch.Generator().manual_seed(0)
+    N, T, V = 4, 9, 11
+    for case in range(2):
+        logits = 3 * torch.randn(N, T, V, generator=g)
+        ids = torch.randint(0, V, (N, T), generator=g)
+        starts, ends = torch.tensor([2, 3, 1, 4]), torch.tensor([9, 6, 8, 5])   # right padding after each end
+        cols = torch.arange(T)
+        mask = (cols >= starts[:, None]) & (cols < ends[:, None])
+        ids = torch.where(cols < ends[:, None], ids, 0)
+        what = f"reply_logprobs on {N} rows of {T} tokens (replies of {(ends - starts).tolist()} tokens)"
+        leaf = logits.clone().requires_grad_(True)
+        got = call_learner("reply_logprobs", reply_logprobs, leaf, ids.clone(), mask.clone())
+        if not torch.is_tensor(got) or got.shape != (N,):
+            shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
+            raise CheckFailed(f"{what}: expected a tensor of shape ({N},), one summed log-prob per row, got {shape}")
+        want = _reply_logprobs(logits, ids, mask)
+        for value, message in _reply_mistakes(logits, ids, mask):
+            if _close(got.detach(), value) and not _close(value, want):
+                raise CheckFailed(f"{what}: {message}")
+        expect_close(what, got.detach(), want, atol=1e-4, rtol=RTOL)
+        if not got.requires_grad:
+            raise CheckFailed(f"{what}: the result has no gradient (.item(), .detach() or torch.no_grad()?): DPO trains "
+                              "the policy through these log-probs")
+        got.sum().backward()
+        want_leaf = logits.clone().double().requires_grad_(True)
+        _reply_logprobs(want_leaf, ids, mask).sum().backward()
+        expect_close(f"{what}: gradient w.r.t. the logits", leaf.grad, want_leaf.grad, atol=1e-5, rtol=RTOL)
+    passed("reply_logprobs")
