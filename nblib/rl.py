@@ -3,7 +3,7 @@
 Lesson 09 trains a reward model (``bradley_terry_loss``) and fine-tunes against it with
 PPO (``gae``, ``ppo_policy_loss``, ``value_loss``, a per-token ``kl_estimate`` penalty);
 lesson 10 skips the reward model with ``dpo_loss``; lesson 11 drops the value function
-with GRPO (``group_advantages``). Sampling and log-probabilities live in ``nblib.engine``;
+with GRPO (``group_advantages``, ``grpo_loss``). Sampling and log-probabilities live in ``nblib.engine``;
 this module holds only the formulas, as pure tensor functions.
 
 Conventions:
@@ -220,21 +220,29 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     they get no gradient), ``approx_kl`` (the k3 estimate of KL(pi_old || pi), mean over
     tokens: how far this update moved) and ``ratio_mean``.
     """
+    per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip)
+    n = _count(mask, "ppo_policy_loss")
+    return per_token.sum() / n, metrics
+
+
+def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per token [N, T], -min(ratio * A, clip(ratio) * A) (0 outside the mask), and the metrics of
+    ``ppo_policy_loss`` (means over the masked tokens). ``advantages`` [N, T], or [N] (one per
+    completion, broadcast over its tokens). PPO and GRPO differ only in how they average it."""
     if torch.is_tensor(advantages) and advantages.dim() == 1 and logprobs.dim() == 2 \
             and advantages.shape[0] == logprobs.shape[0]:
         advantages = advantages[:, None].expand_as(logprobs)  # one advantage per completion
     _check_mask(mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     if not clip > 0:
         raise ValueError(f"clip must be > 0 (e.g. 0.2), got {clip}")
-    n = _count(mask, "ppo_policy_loss")
+    n = _count(mask, "the clipped objective")
     # detached: if old_logprobs were logprobs itself (one update per batch), the ratio would be
     # exp(0) = 1 with no gradient at all
     log_ratio = torch.where(mask, _float(logprobs) - old_logprobs.detach(), 0)
     ratio = torch.exp(log_ratio)
     adv = torch.where(mask, advantages.detach(), 0).to(ratio.dtype)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip, 1 + clip) * adv
-    loss = -torch.minimum(unclipped, clipped).sum() / n  # 0 outside the mask: adv is 0 there
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)  # 0 outside the mask: adv is 0
     with torch.no_grad():
         clipped_taken = mask & (((ratio > 1 + clip) & (adv > 0)) | ((ratio < 1 - clip) & (adv < 0)))
         metrics = {
@@ -242,7 +250,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
             "approx_kl": torch.where(mask, torch.expm1(log_ratio) - log_ratio, 0).sum() / n,  # r - 1 - log r
             "ratio_mean": torch.where(mask, ratio, 0).sum() / n,
         }
-    return loss, metrics
+    return per_token, metrics
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -394,3 +402,50 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     # exactly 0, not the rounding error of (r - mean(r)) / (tiny std + eps)
     all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)
     return torch.where(all_equal, 0, advantages).reshape(-1)
+
+
+GRPO_AVERAGES = ("sequence", "token", "constant")
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2, kl_coef: float = 0.0,
+              average: str = "sequence", max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's loss: per token, the clipped surrogate with the completion's advantage
+    (``group_advantages``), plus ``kl_coef`` times the k3 estimate of KL(pi || ref); then averaged:
+
+    - ``"sequence"`` (the GRPO paper): each completion's mean over its own tokens, then the mean
+      over completions. A token of a short completion weighs more than a token of a long one:
+      a wrong (negative-advantage) answer is pushed down less per token the longer it is, a
+      right one pushed up more the shorter it is (the length bias of Dr. GRPO, Liu et al. 2025).
+    - ``"token"`` (DAPO, TRL's default ``loss_type="dapo"``): the mean over every token of the batch.
+    - ``"constant"`` (Dr. GRPO): the sum over every token / (N * ``max_tokens``), a normaliser that
+      depends on no completion's length.
+
+    With ``old_logprobs`` = ``logprobs`` (ratio 1) and ``kl_coef`` 0, the gradient is REINFORCE with
+    the group mean as baseline: -A_i * grad log pi(token) / (N * |y_i|) for "sequence". ``advantages`` [N];
+    ``ref_logprobs`` [N, T] are constants (unused when ``kl_coef`` is 0). Returns (loss, metrics):
+    ``ppo_policy_loss``'s metrics plus ``kl`` (k3, mean over tokens).
+    """
+    if average not in GRPO_AVERAGES:
+        raise ValueError(f"average must be one of {GRPO_AVERAGES}, got {average!r}")
+    if not torch.is_tensor(advantages) or advantages.dim() != 1 or advantages.shape[0] != logprobs.shape[0]:
+        shape = list(advantages.shape) if torch.is_tensor(advantages) else type(advantages).__name__
+        raise ValueError(f"advantages must be [N] = [{logprobs.shape[0]}], one per completion, got {shape}")
+    per_token, metrics = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip)
+    kl = kl_estimate(_float(logprobs), _float(ref_logprobs.detach()), "k3", mask=mask)
+    if kl_coef:
+        per_token = per_token + kl_coef * kl
+    n_tokens = mask.sum(dim=1)
+    if average == "sequence":
+        if (n_tokens == 0).any():
+            raise ValueError("a completion has no tokens in the mask: its mean over tokens is undefined")
+        loss = (per_token.sum(dim=1) / n_tokens).mean()
+    elif average == "token":
+        loss = per_token.sum() / _count(mask, "grpo_loss")
+    else:
+        if max_tokens is None or max_tokens < int(n_tokens.max()):
+            raise ValueError(f"average='constant' needs max_tokens >= the longest completion ({int(n_tokens.max())} "
+                             f"tokens), e.g. the max_new_tokens of the rollout; got {max_tokens}")
+        loss = per_token.sum() / (mask.shape[0] * max_tokens)
+    metrics["kl"] = kl.detach().sum() / _count(mask, "grpo_loss")
+    return loss, metrics

@@ -261,7 +261,7 @@ class SFTSpec:
     weight_decay: float = 0.0    # move away from the base model only as far as the data asks
     two_turn_fraction: float = 0.1
     weights: tuple[float, ...] = (4, 1.5, 1, 1, 1, 1)  # add, reverse, spell, count, opposite, say
-    drop_carries: bool = False   # True: the addition demonstrations come from the buggy teacher
+    drop_carries: bool | float = False   # True: the addition demonstrations come from the buggy teacher (p: sometimes)
     eval_interval: int = 300
     eval_batches: int = 10
     seed: int = 0

@@ -7,8 +7,9 @@ correct ``answer`` that ``verify`` compares a model's reply with (exact match af
 
 - ``Addition``: "What is 23+45?" -> "68", two-digit operands. ``drop_carries=True`` makes
   a buggy teacher whose demonstrations forget to carry (58+67 -> "115"), while
-  ``answer`` stays the true sum: lesson 11 fine-tunes on such demonstrations and lets a
-  verifier put the carries back.
+  ``answer`` stays the true sum; a number p in (0, 1) makes a teacher that forgets with
+  probability p on each problem it writes. Lesson 11 fine-tunes on such demonstrations and
+  lets a verifier put the carries back.
 - ``Reverse`` ("Reverse night." -> "thgin"), ``Spell`` ("Spell night." -> "n-i-g-h-t"),
   ``CountLetter`` ("How many h's in night?" -> "1"): words from tinyshakespeare.
 - ``Opposite``: a small table of opposites written here ("What is the opposite of day?" -> "night").
@@ -118,7 +119,7 @@ class Addition(Task):
     lo: int = 10
     hi: int = 99
     val_fraction: float = 0.1
-    drop_carries: bool = False
+    drop_carries: bool | float = False   # True: always forget carries; p in (0, 1): forget with probability p
     templates: tuple[str, ...] = ADD_TEMPLATES
     name: str = "add"
     _pairs: dict = field(default_factory=dict, init=False, compare=False)
@@ -134,13 +135,22 @@ class Addition(Task):
                                   if self.split_of(a, b) == split]
         return self._pairs[split]
 
-    def problem(self, a: int, b: int, template: int = 0) -> Problem:
+    def __post_init__(self):
+        if not 0 <= float(self.drop_carries) <= 1:
+            raise ValueError(f"drop_carries is True/False or a probability in [0, 1], got {self.drop_carries}")
+
+    def problem(self, a: int, b: int, template: int = 0, drop: bool | None = None) -> Problem:
+        """The problem a + b; the teacher forgets carries if ``drop`` (default: if ``drop_carries`` is True)."""
         prompt = self.templates[template].format(a=a, b=b)
-        return Problem(self.name, prompt, add_answer(a, b, self.drop_carries), add_answer(a, b))
+        drop = self.drop_carries is True or self.drop_carries == 1 if drop is None else drop
+        return Problem(self.name, prompt, add_answer(a, b, drop), add_answer(a, b))
 
     def sample(self, rng: random.Random, split: str = "train") -> Problem:
         a, b = rng.choice(self.pairs(split))
-        return self.problem(a, b, rng.randrange(len(self.templates)))
+        template = rng.randrange(len(self.templates))
+        if 0 < float(self.drop_carries) < 1:   # only then a draw: the other teachers' streams stay as they were
+            return self.problem(a, b, template, drop=rng.random() < self.drop_carries)
+        return self.problem(a, b, template)
 
     @staticmethod
     def has_carry(a: int, b: int) -> bool:
@@ -354,7 +364,7 @@ class Mixture:
         return "Mixture(" + ", ".join(f"{n}: {w / total:.0%}" for n, w in self.weights.items()) + ")"
 
 
-def default_tasks(text: str, drop_carries: bool = False) -> list[Task]:
+def default_tasks(text: str, drop_carries: bool | float = False) -> list[Task]:
     """The course's task set on a play ``text`` (tinyshakespeare): addition, the word tasks, opposites, Say."""
     words = WordSplit(corpus_words(text))
     return [Addition(drop_carries=drop_carries), Reverse(words), Spell(words), CountLetter(words), Opposite(), Say(text)]

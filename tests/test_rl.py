@@ -423,3 +423,110 @@ def test_errors_say_what_to_do():
         rl.bradley_terry_loss(torch.zeros(0), torch.zeros(0))
     with pytest.raises(ValueError, match=r"\[N, T, V\]"):
         rl.entropy_from_logits(torch.zeros(2, 3), mask)
+
+
+# ---------------------------------------------------------------------------- GRPO's loss
+
+
+def grpo_case(seed=0, n=6, t=7):
+    g = torch.Generator().manual_seed(seed)
+    mask = ragged_mask(n, t, g)
+    logprobs = -torch.rand(n, t, generator=g, dtype=torch.float64) * 3
+    ref = logprobs - 0.3 * torch.randn(n, t, generator=g, dtype=torch.float64)
+    advantages = torch.randn(n, generator=g, dtype=torch.float64)
+    return logprobs, ref, advantages, mask
+
+
+@pytest.mark.parametrize("average", rl.GRPO_AVERAGES)
+def test_grpo_at_ratio_one_without_kl_is_reinforce_with_a_baseline(average):
+    logprobs, ref, adv, mask = grpo_case()
+    leaf = logprobs.clone().requires_grad_(True)
+    loss, metrics = rl.grpo_loss(leaf, logprobs, ref, adv, mask, average=average, max_tokens=7)
+    loss.backward()
+    n, lengths = mask.shape[0], mask.sum(1, keepdim=True).double()
+    weight = {"sequence": 1 / (n * lengths), "token": 1 / lengths.sum(), "constant": torch.full_like(lengths, 1 / (n * 7))}
+    want = torch.where(mask, -adv[:, None] * weight[average], 0.0)   # -A_i * d log pi / d logprob, weighted
+    torch.testing.assert_close(leaf.grad, want, rtol=1e-12, atol=1e-12)
+    assert metrics["clip_fraction"] == 0 and abs(metrics["ratio_mean"] - 1) < 1e-12
+    # and the value: minus the weighted advantages
+    assert abs(loss.item() - float(-(torch.where(mask, adv[:, None] * weight[average], 0.0)).sum())) < 1e-12
+
+
+def test_grpo_groups_with_equal_rewards_give_no_gradient():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])   # group 0: all right; group 1: mixed
+    adv = rl.group_advantages(rewards, 3)
+    logprobs, ref, _, mask = grpo_case(n=6)
+    leaf = logprobs.clone().requires_grad_(True)
+    rl.grpo_loss(leaf, logprobs.detach() - 0.05, ref, adv.double(), mask)[0].backward()
+    assert (leaf.grad[:3] == 0).all() and (leaf.grad[3:][mask[3:]] != 0).all()
+
+
+def test_the_two_normalisations_differ_by_the_group_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    scaled, centred = rl.group_advantages(rewards, 4), rl.group_advantages(rewards, 4, scale=False)
+    stds = rewards.view(2, 4).std(dim=1, correction=0)           # 0.433 and 0.433 here; 0.5 for 2 of 4 right
+    torch.testing.assert_close(scaled.view(2, 4) * (stds[:, None] + 1e-6), centred.view(2, 4))
+    # a group with one right answer in 8: the std blows its advantages up (x 3.02), Dr. GRPO does not
+    one_right = torch.tensor([1.0] + [0.0] * 7)
+    assert rl.group_advantages(one_right, 8)[0].item() == pytest.approx(0.875 / math.sqrt(7 / 64), rel=1e-5)
+    assert rl.group_advantages(one_right, 8, scale=False)[0].item() == pytest.approx(0.875)
+
+
+def test_grpo_sequence_average_has_the_length_bias_and_token_average_does_not():
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 1:3], mask[1, 1:11] = True, True                    # a 2-token and a 10-token wrong answer
+    logprobs, adv = torch.full((2, 12), -1.0, dtype=torch.float64), torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    per_token = {}
+    for average in ("sequence", "token"):
+        leaf = logprobs.clone().requires_grad_(True)
+        rl.grpo_loss(leaf, logprobs, logprobs, adv, mask, average=average)[0].backward()
+        per_token[average] = (leaf.grad[0, 1].item(), leaf.grad[1, 1].item())
+    short, long = per_token["sequence"]
+    assert short == pytest.approx(5 * long)   # each token of the long wrong answer is pushed down 5x less
+    assert per_token["token"][0] == pytest.approx(per_token["token"][1])
+
+
+def test_grpo_kl_term_is_k3_with_its_gradient():
+    logprobs, ref, _, mask = grpo_case(seed=2)
+    leaf = logprobs.clone().requires_grad_(True)
+    loss, metrics = rl.grpo_loss(leaf, logprobs, ref, torch.zeros(6, dtype=torch.float64), mask, kl_coef=0.5,
+                                 average="token")
+    loss.backward()
+    u = ref - logprobs                                          # log ref - log pi
+    k3 = torch.where(mask, torch.exp(u) - 1 - u, 0.0)
+    n = mask.sum()
+    assert loss.item() == pytest.approx(0.5 * k3.sum().item() / n.item(), rel=1e-12)
+    assert metrics["kl"].item() == pytest.approx(k3.sum().item() / n.item(), rel=1e-12)
+    torch.testing.assert_close(leaf.grad, torch.where(mask, 0.5 * (1 - torch.exp(u)) / n, 0.0))
+
+
+@pytest.mark.parametrize("average", rl.GRPO_AVERAGES)
+def test_grpo_padding_and_garbage_change_nothing(average):
+    logprobs, ref, adv, mask = grpo_case(seed=3)
+    old = logprobs - 0.1
+    results, grads = [], []
+    for cols in (0, 3):
+        m = padded_mask(mask, cols)[:-1]                        # garbage columns, the same rows
+        xs = [with_garbage(torch.cat([x, torch.zeros(6, cols, dtype=x.dtype)], 1), m) for x in (logprobs, old, ref)]
+        leaf = xs[0].clone().requires_grad_(True)
+        loss, metrics = rl.grpo_loss(leaf, xs[1], xs[2], adv, m, kl_coef=0.1, average=average, max_tokens=7)
+        loss.backward()
+        results.append(torch.stack([loss.detach(), *metrics.values()]))
+        grads.append(leaf.grad)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
+    assert grads[1].isfinite().all()
+    torch.testing.assert_close(grads[1][:, :7], grads[0], rtol=1e-12, atol=1e-12)
+
+
+def test_grpo_errors_say_what_to_do():
+    logprobs, ref, adv, mask = grpo_case()
+    with pytest.raises(ValueError, match="average must be one of"):
+        rl.grpo_loss(logprobs, logprobs, ref, adv, mask, average="mean")
+    with pytest.raises(ValueError, match="needs max_tokens"):
+        rl.grpo_loss(logprobs, logprobs, ref, adv, mask, average="constant")
+    with pytest.raises(ValueError, match="one per completion"):
+        rl.grpo_loss(logprobs, logprobs, ref, adv[:, None].expand_as(logprobs), mask)
+    empty = mask.clone()
+    empty[2] = False
+    with pytest.raises(ValueError, match="no tokens in the mask"):
+        rl.grpo_loss(logprobs, logprobs, ref, adv, empty)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from nblib import rl
 from nblib.checks import CheckFailed
-from nblib.checks.rl import (check_bradley_terry_loss, check_dpo_loss, check_gae, check_ppo_policy_loss,
-                              check_reply_logprobs)
+from nblib.checks.rl import (check_bradley_terry_loss, check_dpo_loss, check_gae, check_group_advantages,
+                              check_grpo_loss, check_ppo_policy_loss, check_reply_logprobs)
 
 CHECKS = [check_gae, check_ppo_policy_loss, check_bradley_terry_loss, check_dpo_loss]
 
@@ -212,3 +212,72 @@ def test_reply_logprobs_passes_a_right_answer_and_the_engine_agrees(capsys):
 def test_reply_logprobs_mistakes_are_named(mistake, phrase):
     with pytest.raises(CheckFailed, match=phrase):
         check_reply_logprobs(mistake)
+
+
+# ---------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_course_functions_pass(capsys):
+    check_group_advantages(lambda r, g, scale: rl.group_advantages(r, g, scale=scale))
+    check_grpo_loss(lambda lp, old, ref, adv, m, clip, kl: rl.grpo_loss(lp, old, ref, adv, m, clip, kl))
+    check_grpo_loss(lambda lp, old, ref, adv, m, clip, kl: rl.grpo_loss(lp, old, ref, adv, m, clip, kl)[0])
+    assert capsys.readouterr().out.count("passed") == 3
+
+
+def centred(r, g):
+    x = r.view(-1, g)
+    return x - x.mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    (lambda r, g, scale: r - r.mean(), "whole batch"),
+    (lambda r, g, scale: (r.view(g, -1) - r.view(g, -1).mean(0)).reshape(-1), "groups the wrong rows"),
+    (lambda r, g, scale: (centred(r, g) / (r.view(-1, g).std(1, keepdim=True) + 1e-6) if scale
+                          else centred(r, g)).reshape(-1), "sample std"),
+    (lambda r, g, scale: centred(r, g).reshape(-1), "does not divide by the std"),
+    (lambda r, g, scale: (centred(r, g) / r.view(-1, g).std(1, correction=0, keepdim=True) if scale
+                          else centred(r, g)).reshape(-1), "nan or inf"),
+    (lambda r, g, scale: (centred(r, g) / (r.view(-1, g).std(1, correction=0, keepdim=True) + 1e-6)).reshape(-1),
+     "although scale=False"),
+    (lambda r, g, scale: centred(r, g), "shape"),
+    (lambda r, g, scale: None, r"returned None: is a `return` missing\?"),
+])
+def test_group_advantages_mistakes_are_named(mistake, phrase):
+    with pytest.raises(CheckFailed, match=phrase):
+        check_group_advantages(mistake)
+
+
+def grpo_pieces(lp, old, ref, adv, m, clip):
+    lp, old, ref = (torch.where(m, x, 0.0) for x in (lp, old, ref))
+    ratio = torch.exp(lp - old)
+    a = adv[:, None]
+    return ratio, a, -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a), torch.exp(ref - lp) - 1 - (ref - lp), lp, ref
+
+
+def grpo_token_average(lp, old, ref, adv, m, clip, kl):
+    _, _, s, k3, _, _ = grpo_pieces(lp, old, ref, adv, m, clip)
+    return torch.where(m, s + kl * k3, 0.0).sum() / m.sum()
+
+
+def grpo_with(per_token_of):
+    def loss(lp, old, ref, adv, m, clip, kl):
+        ratio, a, s, k3, lp0, ref0 = grpo_pieces(lp, old, ref, adv, m, clip)
+        per_token = per_token_of(ratio, a, s, k3, lp0, ref0, clip, kl)
+        return (torch.where(m, per_token, 0.0).sum(1) / m.sum(1)).mean()
+    return loss
+
+
+@pytest.mark.parametrize("mistake, phrase", [
+    (grpo_token_average, "all the tokens of the batch"),
+    (grpo_with(lambda r, a, s, k3, lp, ref, clip, kl: -torch.maximum(r * a, r.clamp(1 - clip, 1 + clip) * a) + kl * k3),
+     "max of the two terms"),
+    (grpo_with(lambda r, a, s, k3, lp, ref, clip, kl: s + kl * (lp - ref)), "k1 estimate"),
+    (grpo_with(lambda r, a, s, k3, lp, ref, clip, kl: s - kl * k3), "subtracts the KL"),
+    (grpo_with(lambda r, a, s, k3, lp, ref, clip, kl: s), "leaves out the KL"),
+    (grpo_with(lambda r, a, s, k3, lp, ref, clip, kl: -r * a + kl * k3), "does not clip"),
+    (lambda lp, old, ref, adv, m, clip, kl: (torch.exp(lp - old) * adv[:, None] * m).sum(), "nan"),
+    (lambda lp, old, ref, adv, m, clip, kl: float(rl.grpo_loss(lp, old, ref, adv, m, clip, kl)[0]), "Python number"),
+])
+def test_grpo_loss_mistakes_are_named(mistake, phrase):
+    with pytest.raises(CheckFailed, match=phrase):
+        check_grpo_loss(mistake)

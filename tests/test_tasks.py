@@ -38,6 +38,22 @@ def test_buggy_teacher_demonstrates_wrong_answers_but_verifies_against_the_truth
     assert 0.2 < wrong / len(problems) < 0.8  # a good share of pairs carry
 
 
+def test_a_teacher_that_forgets_carries_sometimes():
+    rng = random.Random(1)
+    problems = [tasks.Addition(drop_carries=0.7).sample(rng) for _ in range(4000)]
+    carry = [tasks.Addition.has_carry(*map(int, re.findall(r"\d+", p.prompt))) for p in problems]
+    dropped = [p.reply != p.answer for p, c in zip(problems, carry) if c]
+    share = sum(dropped) / len(dropped)
+    assert abs(share - 0.7) < 4 * (0.7 * 0.3 / len(dropped)) ** 0.5, share
+    assert all(p.reply == p.answer for p, c in zip(problems, carry) if not c)   # nothing to forget
+    # the other teachers draw exactly as before: the same problems in the same order
+    for p_always, p_never in zip(*[[t.sample(r) for _ in range(50)] for t, r in (
+            (tasks.Addition(drop_carries=True), random.Random(2)), (tasks.Addition(), random.Random(2)))]):
+        assert p_always.prompt == p_never.prompt and p_always.answer == p_never.answer
+    with pytest.raises(ValueError, match="probability"):
+        tasks.Addition(drop_carries=1.5)
+
+
 def test_addition_split_is_by_unordered_pair_and_disjoint():
     task = TASKS["add"]
     train, val = set(task.pairs("train")), set(task.pairs("val"))

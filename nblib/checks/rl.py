@@ -1,5 +1,5 @@
-"""Checks for lessons 09 and 10: GAE, PPO's clipped policy loss, the reward model's
-Bradley-Terry loss, a reply's summed log-probability, and DPO.
+"""Checks for lessons 09-11: GAE, PPO's clipped policy loss, the reward model's
+Bradley-Terry loss, a reply's summed log-probability, DPO, and GRPO's advantages and loss.
 
 Each check runs the learner's function on small seeded cases and compares with
 ``nblib.rl``. When an answer is off, the check computes the usual mistakes on the same
@@ -369,3 +369,119 @@ def check_reply_logprobs(reply_logprobs) -> None:
         _reply_logprobs(want_leaf, ids, mask).sum().backward()
         expect_close(f"{what}: gradient w.r.t. the logits", leaf.grad, want_leaf.grad, atol=1e-5, rtol=RTOL)
     passed("reply_logprobs")
+
+
+# ---------------------------------------------------------------------------- GRPO
+
+
+def check_group_advantages(group_advantages) -> None:
+    """``group_advantages(rewards, group_size, scale=True)`` -> [N]: each reward minus its group's mean,
+    over the group's std (population) + 1e-6 when ``scale``; rows i*G ... i*G+G-1 are one group."""
+    cases = [torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]),          # 2 groups of 4
+             torch.tensor([0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 3.0, 1.0, 1.0])]    # 3 groups of 3: one group all 0
+    for rewards, G in zip(cases, (4, 3)):
+        for scale in (True, False):
+            what = f"group_advantages(rewards={rewards.tolist()}, group_size={G}, scale={scale})"
+            got = call_learner("group_advantages", group_advantages, rewards.clone(), G, scale)
+            if not torch.is_tensor(got) or got.shape != rewards.shape:
+                shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
+                raise CheckFailed(f"{what}: expected a tensor of shape {tuple(rewards.shape)}, one advantage per "
+                                  f"reply, got {shape}")
+            want = rl.group_advantages(rewards, G, scale=scale)
+            r = rewards.double().view(-1, G)
+            centred = r - r.mean(1, keepdim=True)
+            mistakes = [
+                (rewards.double() - rewards.double().mean(), "subtracts the mean of the whole batch: each reply is "
+                 "compared with its own group, the other replies to the same prompt (rows i*G ... i*G+G-1)"),
+                ((rewards.double().view(G, -1) - rewards.double().view(G, -1).mean(0)).reshape(-1),
+                 "groups the wrong rows: rows i*G ... i*G+G-1 are prompt i's replies, so view(-1, group_size)"),
+            ]
+            if scale:
+                mistakes += [
+                    ((centred / (r.std(1, keepdim=True) + 1e-6)).reshape(-1),
+                     "divides by the sample std (n - 1): use the population std, std(correction=0)"),
+                    (centred.reshape(-1), "does not divide by the std although scale=True"),
+                ]
+            else:
+                mistakes.append(((centred / (r.std(1, correction=0, keepdim=True) + 1e-6)).reshape(-1),
+                                 "divides by the std although scale=False (Dr. GRPO only subtracts the mean)"))
+            got64 = got.detach().double()
+            if not torch.isfinite(got64).all():
+                raise CheckFailed(f"{what}: contains nan or inf: a group whose rewards are all equal has std 0; "
+                                  "add eps to the std (and its advantages are 0 anyway)")
+            for value, message in mistakes:
+                if _close(got64, value) and not _close(value, want):
+                    raise CheckFailed(f"{what}: {message}")
+            expect_close(what, got64, want, atol=1e-5, rtol=RTOL)
+    passed("group_advantages")
+
+
+def _grpo_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    N, T = 6, 8
+    cols = torch.arange(T)
+    starts = torch.randint(1, 3, (N,), generator=g)
+    ends = torch.minimum(starts + 1 + torch.randint(0, 6, (N,), generator=g), torch.tensor(T))
+    mask = (cols >= starts[:, None]) & (cols < ends[:, None])
+    logprobs = -3 * torch.rand(N, T, generator=g)
+    old = logprobs + 0.3 * torch.randn(N, T, generator=g)      # some ratios leave [0.8, 1.2]
+    ref = logprobs + 0.5 * torch.randn(N, T, generator=g)
+    junk = torch.full((N, T), float("nan"))
+    advantages = torch.randn(N, generator=g)
+    return (torch.where(mask, logprobs, junk), torch.where(mask, old, junk), torch.where(mask, ref, junk),
+            advantages, mask)
+
+
+def _grpo_mistakes(logprobs, old, ref, adv, mask, clip, kl_coef):
+    lp, o, rf = (torch.where(mask, x, 0.0).double() for x in (logprobs, old, ref))
+    a = adv.double()[:, None]
+    ratio = torch.exp(lp - o)
+    surrogate = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
+    k3 = torch.exp(rf - lp) - 1 - (rf - lp)
+    n = mask.sum(1)
+
+    def seq(per_token):
+        return (torch.where(mask, per_token, 0.0).sum(1) / n).mean()
+
+    def tok(per_token):
+        return torch.where(mask, per_token, 0.0).sum() / mask.sum()
+
+    return [
+        (tok(surrogate + kl_coef * k3), "averages over all the tokens of the batch: GRPO takes each reply's mean "
+                                        "over its own tokens, then the mean over the replies"),
+        (seq(-torch.maximum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a) + kl_coef * k3),
+         "takes the max of the two terms: the objective is the min (the pessimistic bound), the loss its negative"),
+        (seq(surrogate + kl_coef * (lp - rf)), "uses the k1 estimate log pi - log ref for the KL: GRPO uses k3, "
+                                               "exp(log ref - log pi) - 1 - (log ref - log pi), never negative"),
+        (seq(surrogate - kl_coef * k3), "subtracts the KL term: the loss pays kl_coef * KL, so it is added"),
+        (seq(surrogate), f"leaves out the KL term (kl_coef={kl_coef})"),
+        (seq(-ratio * a + kl_coef * k3), "does not clip the ratio: min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A)"),
+    ]
+
+
+def check_grpo_loss(grpo_loss) -> None:
+    """``grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, kl_coef)`` -> loss (or
+    (loss, metrics)): per token -min(ratio * A, clip(ratio) * A) + kl_coef * k3, each reply's mean over
+    its tokens, then the mean over replies (``nblib.rl.grpo_loss`` with average="sequence")."""
+    for seed, clip, kl_coef in [(0, 0.2, 0.0), (1, 0.2, 0.1), (2, 0.1, 0.5)]:
+        logprobs, old, ref, adv, mask = _grpo_case(seed)
+        what = f"grpo_loss with clip={clip}, kl_coef={kl_coef} (nan outside the mask)"
+        leaf = logprobs.clone().requires_grad_(True)
+        loss = _loss(what, call_learner("grpo_loss", grpo_loss, leaf, old.clone(), ref.clone(), adv.clone(),
+                                        mask.clone(), clip, kl_coef))
+        want, _ = rl.grpo_loss(logprobs, old, ref, adv, mask, clip, kl_coef, average="sequence")
+        if not torch.isfinite(loss.detach()):
+            raise CheckFailed(f"{what}: the loss is {loss.item()}: the inputs hold nan outside the mask; select the "
+                              "masked tokens with torch.where(mask, x, 0) before any exp, never x * mask")
+        _diagnose(what, loss.detach(), want, _grpo_mistakes(logprobs, old, ref, adv, mask, clip, kl_coef))
+        _needs_grad(what, loss, "logprobs")
+        loss.backward()
+        if leaf.grad is None:
+            raise CheckFailed(f"{what}: no gradient reached logprobs")
+        want_leaf = logprobs.clone().requires_grad_(True)
+        rl.grpo_loss(want_leaf, old, ref, adv, mask, clip, kl_coef, average="sequence")[0].backward()
+        if not torch.isfinite(leaf.grad).all():
+            raise CheckFailed(f"{what}: the gradient holds nan: select with torch.where(mask, x, 0) before the exp, "
+                              "so nothing from the padding reaches the backward pass")
+        expect_close(f"{what}: gradient w.r.t. logprobs", leaf.grad, want_leaf.grad, atol=1e-6, rtol=RTOL)
+    passed("grpo_loss")
