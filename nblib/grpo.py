@@ -99,14 +99,7 @@ def loss_fn(cfg: GRPOConfig):
 
 def update(trainer, groups: Groups, cfg: GRPOConfig, generator: torch.Generator | None = None) -> list[dict]:
     """``cfg.epochs`` passes over ``groups`` in ``cfg.minibatches`` shuffled minibatches, one trainer step each."""
-    n = groups.ids.shape[0]
-    step_loss = loss_fn(cfg)
-    results = []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator) if cfg.minibatches > 1 else torch.arange(n)
-        for rows in order.chunk(cfg.minibatches):
-            results.append(trainer.step([groups.minibatch(rows)], step_loss))
-    return results
+    return train.minibatch_steps(trainer, groups, loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
 
 
 @torch.no_grad()

@@ -134,14 +134,7 @@ def loss_fn(cfg: PPOConfig):
 
 def update(trainer, exp: Experience, cfg: PPOConfig, generator: torch.Generator | None = None) -> list[dict]:
     """``cfg.epochs`` passes over ``exp`` in ``cfg.minibatches`` shuffled minibatches, one trainer step each."""
-    n = exp.ids.shape[0]
-    step_loss = loss_fn(cfg)
-    results = []
-    for _ in range(cfg.epochs):
-        order = torch.randperm(n, generator=generator)
-        for rows in order.chunk(cfg.minibatches):
-            results.append(trainer.step([exp.minibatch(rows)], step_loss))
-    return results
+    return train.minibatch_steps(trainer, exp, loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
 
 
 @torch.no_grad()

@@ -211,6 +211,19 @@ def next_token_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
     return loss, {}
 
 
+def minibatch_steps(trainer: "Trainer", batch, loss_fn: Callable, epochs: int, minibatches: int,
+                    generator: torch.Generator | None = None) -> list[dict]:
+    """``epochs`` passes over ``batch`` (rows of ``batch.ids``, split by ``batch.minibatch(rows)``) in
+    ``minibatches`` shuffled minibatches, one ``trainer.step`` each: PPO's and GRPO's update."""
+    n = batch.ids.shape[0]
+    results = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for rows in order.chunk(minibatches):
+            results.append(trainer.step([batch.minibatch(rows)], loss_fn))
+    return results
+
+
 def to_device(batch, device):
     """``batch`` with every tensor in it moved to ``device`` (tuples, lists, dicts, dataclasses)."""
     if torch.is_tensor(batch):
