@@ -116,31 +116,33 @@ def health(groups: Groups, group_size: int) -> dict[str, float]:
 
 
 def run(policy: nn.Module, ref: nn.Module, draw, cfg: GRPOConfig, steps: int, end_id: int, pad_id: int,
-        lr: float = 1e-3, seed: int = 0, evaluate=None, eval_every: int = 0,
+        lr: float = 1e-3, warmup_steps: int = 0, seed: int = 0, evaluate=None, eval_every: int = 0,
         desc: str = "GRPO") -> tuple[nn.Module, list[dict]]:
     """GRPO on a copy of ``policy``: ``steps`` steps, each on ``draw(rng, n)`` -> (``n`` prompts, their
-    ``reward_fn``), drawn with random.Random(seed); one AdamW (constant ``lr``, gradient clipping 1).
+    ``reward_fn``), drawn with random.Random(seed); one AdamW (``lr`` after a linear warmup of
+    ``warmup_steps`` optimizer steps, then constant; gradient clipping 1). Adam's first steps move every
+    weight by about ``lr`` whatever the gradient's size: the warmup keeps them from throwing the policy
+    far from where it started.
 
     Returns (the trained policy in eval mode, one dict per step: ``health`` before the update, the
-    update's mean ``clip_fraction``, and every ``eval_every`` steps (and at
-    the last) ``evaluate(model)``'s entries).
+    update's mean ``clip_fraction``, and every ``eval_every`` steps, from step 0, ``evaluate(model)``'s
+    entries for the model the step starts from: evaluate the returned policy for the end of the run).
     """
     torch.manual_seed(seed)
     model = copy.deepcopy(policy)
     trainer = train.Trainer(model, train.TrainConfig(max_steps=steps * cfg.epochs * cfg.minibatches, lr=lr, min_lr=lr,
-                                                     warmup_steps=0, weight_decay=0.0, dtype="float32", grad_clip=1.0,
-                                                     log_interval=10 ** 9))
+                                                     warmup_steps=warmup_steps, weight_decay=0.0, dtype="float32",
+                                                     grad_clip=1.0, log_interval=10 ** 9))
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     log = []
     for step in progress(range(steps), desc=desc):
         prompts, reward_fn = draw(rng, cfg.prompts_per_step)
         groups = rollout(model, ref, prompts, reward_fn, cfg, end_id, pad_id, generator)
         signals = health(groups, cfg.group_size)
+        if evaluate is not None and eval_every and step % eval_every == 0:
+            signals.update(evaluate(model))   # the model this step starts from
         results = update(trainer, groups, cfg, generator)
         signals["clip_fraction"] = torch.stack([r["clip_fraction"] for r in results]).mean().item()
-        if evaluate is not None and eval_every and (step % eval_every == 0 or step == steps - 1):
-            signals.update(evaluate(model))
-            model.train()
         log.append(signals)
     return model.eval(), log
 
