@@ -281,3 +281,10 @@ def grpo_with(per_token_of):
 def test_grpo_loss_mistakes_are_named(mistake, phrase):
     with pytest.raises(CheckFailed, match=phrase):
         check_grpo_loss(mistake)
+
+
+def test_dpo_loss_that_underflows_is_named():
+    def naive(pc, pr, rc, rr, beta):
+        return -torch.log(torch.sigmoid(beta * ((pc - rc) - (pr - rr)))).mean()
+    with pytest.raises(CheckFailed, match="logsigmoid"):
+        check_dpo_loss(naive)

@@ -306,6 +306,14 @@ def check_dpo_loss(dpo_loss) -> None:
             if leaf.grad is None:
                 raise CheckFailed(f"{what}: no gradient reached {name}")
             expect_close(f"{what}: gradient w.r.t. {name}", leaf.grad, ref.grad, atol=1e-7, rtol=RTOL)
+    # far apart: the logit 0.2 * (-5000 + 10) = -998, where log(sigmoid(-998)) is log(0) in float32
+    what = "dpo_loss with policy_chosen=-5000, the rest -10, beta=0.2 (a logit of -998)"
+    far = _loss(what, call_learner("dpo_loss", dpo_loss, torch.tensor([-5000.0]), torch.tensor([-10.0]),
+                                   torch.tensor([-10.0]), torch.tensor([-10.0]), 0.2))
+    if not torch.isfinite(far):
+        raise CheckFailed(f"{what}: got {far.item()}: log(sigmoid(-998)) underflows to log(0). "
+                          "Use F.logsigmoid, which is exact for any logit")
+    expect_close(what, far.detach(), 998.0, atol=1e-2, rtol=RTOL)
     passed("dpo_loss")
 
 
