@@ -60,9 +60,6 @@ class Groups:
     advantages: torch.Tensor      # [N]
     finished: torch.Tensor        # [N] the reply ended with the end token
 
-    def minibatch(self, rows: torch.Tensor) -> "Groups":
-        return Groups(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
-
 
 @torch.no_grad()
 def rollout(policy: nn.Module, ref: nn.Module, prompts: list[list[int]], reward_fn, cfg: GRPOConfig, end_id: int,
@@ -106,10 +103,9 @@ def update(trainer, groups: Groups, cfg: GRPOConfig, generator: torch.Generator 
 def health(groups: Groups, group_size: int) -> dict[str, float]:
     """The signals to watch: mean reward, share of groups whose rewards are all equal (no signal),
     KL to the reference (k3, mean per reply token), reply length, share of replies that ended."""
-    r = groups.rewards.view(-1, group_size)
     kl = rl.kl_estimate(groups.logprobs, groups.ref_logprobs, "k3", mask=groups.mask)
     return {"reward": groups.rewards.mean().item(),
-            "all_equal": (r == r[:, :1]).all(dim=1).float().mean().item(),
+            "all_equal": rl.all_equal_groups(groups.rewards, group_size).float().mean().item(),
             "kl": rl.masked_mean(kl, groups.mask).item(),
             "length": groups.mask.sum(1).float().mean().item(),
             "ended": groups.finished.float().mean().item()}

@@ -73,9 +73,6 @@ class Experience:
     scores: torch.Tensor          # [N] the reward model's score of each reply
     finished: torch.Tensor        # [N] the reply ended with <|end|>
 
-    def minibatch(self, rows: torch.Tensor) -> "Experience":
-        return Experience(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
-
 
 def token_values(value_model: nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[N, T]: the value model's estimate *before* each token (its output at the previous position)."""

@@ -400,8 +400,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     if scale:
         advantages = advantages / (r.std(dim=1, correction=0, keepdim=True) + eps)
     # exactly 0, not the rounding error of (r - mean(r)) / (tiny std + eps)
-    all_equal = (r == r[:, :1]).all(dim=1, keepdim=True)
-    return torch.where(all_equal, 0, advantages).reshape(-1)
+    return torch.where(all_equal_groups(r.reshape(-1), group_size)[:, None], 0, advantages).reshape(-1)
+
+
+def all_equal_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N / group_size] bool: the groups (consecutive rows) whose rewards are all equal, which teach nothing."""
+    r = rewards.reshape(-1, group_size)
+    return (r == r[:, :1]).all(dim=1)
 
 
 GRPO_AVERAGES = ("sequence", "token", "constant")

@@ -142,7 +142,7 @@ class Addition(Task):
     def problem(self, a: int, b: int, template: int = 0, drop: bool | None = None) -> Problem:
         """The problem a + b; the teacher forgets carries if ``drop`` (default: if ``drop_carries`` is True)."""
         prompt = self.templates[template].format(a=a, b=b)
-        drop = self.drop_carries is True or self.drop_carries == 1 if drop is None else drop
+        drop = self.drop_carries == 1 if drop is None else drop   # True == 1
         return Problem(self.name, prompt, add_answer(a, b, drop), add_answer(a, b))
 
     def sample(self, rng: random.Random, split: str = "train") -> Problem:

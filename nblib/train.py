@@ -213,14 +213,17 @@ def next_token_loss(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
 
 def minibatch_steps(trainer: "Trainer", batch, loss_fn: Callable, epochs: int, minibatches: int,
                     generator: torch.Generator | None = None) -> list[dict]:
-    """``epochs`` passes over ``batch`` (rows of ``batch.ids``, split by ``batch.minibatch(rows)``) in
-    ``minibatches`` shuffled minibatches, one ``trainer.step`` each: PPO's and GRPO's update."""
+    """``epochs`` passes over ``batch`` (a dataclass of tensors whose first dimension is its rows, as
+    ``ppo.Experience`` and ``grpo.Groups``) in ``minibatches`` shuffled minibatches, one ``trainer.step``
+    each: PPO's and GRPO's update."""
     n = batch.ids.shape[0]
     results = []
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for rows in order.chunk(minibatches):
-            results.append(trainer.step([batch.minibatch(rows)], loss_fn))
+            minibatch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows]
+                                                      for f in dataclasses.fields(batch)})
+            results.append(trainer.step([minibatch], loss_fn))
     return results
 
 
