@@ -1,0 +1,97 @@
+"""Checks for lesson 13's exercises: MFU, the activation-memory estimate, a bf16 training step."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from nblib import llama, profiling
+from nblib.checks import CheckFailed, call_learner, expect_close, passed
+from nblib.train import TrainConfig, configure_optimizer
+
+ACTIVATION_RTOL = 0.02   # the estimate must be within 2% of the measured bytes
+BF16_LOSS_TOL = 0.05     # bf16 losses after a few steps vs float32's
+
+
+def _tiny(seed: int = 0, **sizes) -> llama.Llama:
+    torch.manual_seed(seed)
+    config = llama.LlamaConfig(**{**dict(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=16), **sizes})
+    return llama.Llama(config)
+
+
+def check_mfu(measured_mfu) -> None:
+    """``measured_mfu(model, step_seconds, batch_size, block_size, peak_flops) -> float``."""
+    for sizes, seconds, B, T, peak in (({}, 0.01, 4, 16, 1e12), (dict(n_layer=3, n_embd=32), 0.25, 2, 8, 5e10),
+                                      (dict(block_size=64), 1.0, 8, 64, 2e9)):
+        model = _tiny(**sizes)
+        expected = profiling.mfu(model.flops_per_token(T), B * T / seconds, peak)
+        got = call_learner("measured_mfu", measured_mfu, model, seconds, B, T, peak)
+        expect_close(f"measured_mfu(model {sizes or 'default'}, {seconds} s/step, B={B}, T={T}, peak={peak:g})",
+                     got, expected, atol=0, rtol=1e-6)
+    passed("measured_mfu")
+
+
+def check_activation_bytes(estimate) -> None:
+    """``estimate(config, B, T) -> bytes`` within ``ACTIVATION_RTOL`` of what autograd saves."""
+    cases = ((dict(), 1, 8), (dict(), 4, 16), (dict(n_layer=3, n_head=4, n_embd=32, vocab_size=65), 2, 12),
+             (dict(n_embd=24, n_head=3, block_size=32), 3, 32))
+    for sizes, B, T in cases:
+        model = _tiny(**sizes)
+        g = torch.Generator().manual_seed(B * 100 + T)
+        x = torch.randint(0, model.config.vocab_size, (B, T), generator=g)
+        measured = profiling.saved_activation_bytes(model, x, torch.roll(x, -1, dims=1))  # ids and targets: two tensors
+        got = call_learner("activation_bytes", estimate, model.config, B, T)
+        expect_close(f"activation_bytes for {sizes or 'the default tiny config'}, B={B}, T={T} "
+                     f"(measured {measured} bytes)", got, measured, atol=0, rtol=ACTIVATION_RTOL)
+    passed("activation_bytes")
+
+
+def _linear_outputs(model: nn.Module) -> tuple[list, list]:
+    """Register hooks that record each nn.Linear's output dtype; returns (dtypes, handles)."""
+    dtypes = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+               for m in model.modules() if isinstance(m, nn.Linear)]
+    return dtypes, handles
+
+
+def check_bf16_step(bf16_step, n_steps: int = 4) -> None:
+    """``bf16_step(model, optimizer, x, y) -> loss``: one optimizer step, matmuls in bfloat16.
+
+    It runs, every nn.Linear produced bfloat16, the weights stayed float32 (autocast, not
+    ``model.bfloat16()``), and the losses track a float32 run within ``BF16_LOSS_TOL``."""
+    if not profiling.cpu_info().has_bf16 and not torch.cuda.is_available():
+        print("(this CPU has no AVX-512 BF16: bf16_step is checked for running and for the loss only)")
+    model = _tiny(seed=3)
+    reference = copy.deepcopy(model)
+    cfg = TrainConfig(lr=3e-3)
+    opt, ref_opt = configure_optimizer(model, cfg), configure_optimizer(reference, cfg)
+    g = torch.Generator().manual_seed(5)
+    for i in range(n_steps):
+        x = torch.randint(0, 32, (4, 16), generator=g)
+        y = torch.roll(x, -1, dims=1)
+        dtypes, handles = _linear_outputs(model)
+        try:
+            loss = call_learner("bf16_step", bf16_step, model, opt, x, y)
+        finally:
+            for h in handles:
+                h.remove()
+        ref_loss = profiling.training_step(reference, ref_opt, x, y, "cpu", "float32")
+        if not dtypes:
+            raise CheckFailed("bf16_step: no nn.Linear ran: did it call model(x, y)?")
+        if any(d != torch.bfloat16 for d in dtypes):
+            raise CheckFailed(f"bf16_step: the linear layers produced {sorted(set(map(str, dtypes)))}, expected "
+                              "torch.bfloat16: is the forward pass inside torch.autocast(..., dtype=torch.bfloat16)?")
+        wrong = [n for n, p in model.named_parameters() if p.dtype != torch.float32]
+        if wrong:
+            raise CheckFailed(f"bf16_step: parameters {wrong[:3]} are no longer float32: autocast keeps the "
+                              "weights in float32 and casts copies; do not convert the model")
+        expect_close(f"bf16_step's loss at step {i} (float32 run's loss as expected)", float(loss),
+                     float(ref_loss), atol=BF16_LOSS_TOL, rtol=0)
+        if any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()):
+            raise CheckFailed("bf16_step: gradients are still there after the step: zero them "
+                              "(optimizer.zero_grad) so the next step does not add to them")
+    moved = sum((p - q).abs().sum().item() for p, q in zip(model.parameters(), _tiny(seed=3).parameters()))
+    if moved == 0:
+        raise CheckFailed("bf16_step: the weights did not change: is optimizer.step() missing?")
+    passed("bf16_step")
