@@ -29,7 +29,7 @@ from nblib import llama, train
 from nblib.progress import progress
 from nblib.text import random_batch
 
-# The model family: (n_layer, n_embd), deeper and wider together, each about 1.5-2.5x the
+# The model family: (n_layer, n_embd), deeper and wider together, each about 1.6-2.6x the
 # parameters of the one before. Head size 32 (n_head = n_embd // 32), one head below that.
 SIZES = [(1, 12), (1, 16), (1, 24), (2, 24), (2, 32), (2, 48), (3, 64), (3, 80), (4, 96), (4, 128)]
 
@@ -54,9 +54,23 @@ def flops_per_token(config: llama.LlamaConfig, seq_len: int) -> int:
         return llama.Llama(config).flops_per_token(seq_len)
 
 
+def flops_exponent(runs: list["Run"]) -> float:
+    """gamma in ``FLOPs per token ~ N^gamma`` over the runs' sizes (a power-law fit).
+
+    With C = f(N) * D and N_opt ~ C^a, D_opt = C / f(N_opt) ~ C^(1 - gamma * a): the two
+    exponents satisfy ``gamma * a + b = 1``, which is ``a + b = 1`` only when f = 6N
+    (gamma = 1). The attention term makes gamma < 1 for small models."""
+    return fit_power_law([r.params for r in runs], [r.flops / r.tokens for r in runs])[1]
+
+
 def tokens_for_budget(config: llama.LlamaConfig, budget: float, seq_len: int) -> int:
     """D: how many tokens a run of ``budget`` FLOPs trains ``config`` on."""
     return int(budget // flops_per_token(config, seq_len))
+
+
+def steps_for_budget(config: llama.LlamaConfig, budget: float, seq_len: int, batch_size: int) -> int:
+    """Whole optimizer steps of ``batch_size`` x ``seq_len`` tokens closest to ``budget`` FLOPs."""
+    return max(1, round(budget / flops_per_token(config, seq_len) / (batch_size * seq_len)))
 
 
 @dataclass
@@ -101,7 +115,8 @@ def train_run(n_layer: int, n_embd: int, budget: float, train_ids: torch.Tensor,
               vocab_size: int, seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
               eval_windows: int = 256, device="cpu") -> Run:
     """Train one size for one budget, with a schedule (5% warmup, cosine to lr/10) that ends
-    exactly at the budget, and measure its held-out loss.
+    at the budget (whole steps: the run spends it to within half a step), and measure its
+    held-out loss.
 
     A run cut short of a longer schedule would be judged unfairly (its learning rate never
     decayed): Kaplan et al. did that, and it is one reason their optimal N grew too fast.
@@ -109,7 +124,7 @@ def train_run(n_layer: int, n_embd: int, budget: float, train_ids: torch.Tensor,
     config = model_config(n_layer, n_embd, vocab_size, seq_len)
     fpt = flops_per_token(config, seq_len)
     tokens_per_step = batch_size * seq_len
-    steps = max(1, round(budget / fpt / tokens_per_step))
+    steps = steps_for_budget(config, budget, seq_len, batch_size)
     torch.manual_seed(seed)
     model = llama.Llama(config).to(device)
     cfg = train.TrainConfig(max_steps=steps, batch_size=batch_size, block_size=seq_len, lr=lr, min_lr=lr / 10,
@@ -188,7 +203,10 @@ def bootstrap_exponents(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> d
 
     Each replicate keeps every run's size and budget, adds to each IsoFLOP parabola's
     fitted losses residuals drawn with replacement from that parabola's own residuals
-    (the scatter a different seed would give), refits the parabolas and the power laws.
+    (how far the runs scatter around a smooth valley; a different seed's scatter is not
+    measured here), refits the parabolas and the power laws. A parabola through n points
+    has 3 parameters, so its residuals are smaller than the scatter that produced them;
+    they are scaled by sqrt(n / (n - 3)) first (with 5 runs per budget, x1.58).
     A replicate whose parabola has no minimum is dropped (counted in ``"dropped"``).
     """
     rng = np.random.default_rng(seed)
@@ -197,8 +215,12 @@ def bootstrap_exponents(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> d
     for g in groups:
         x = np.log([r.params for r in g])
         y = np.array([r.val_loss for r in g])
+        if len(g) < 4:
+            raise ValueError(f"the bootstrap needs at least 4 runs per budget (a parabola has 3 parameters), "
+                             f"got {len(g)} at C = {g[0].budget:.2e}")
         coef = np.polyfit(x, y, 2)
-        fitted.append((g, np.polyval(coef, x), y - np.polyval(coef, x)))
+        residuals = (y - np.polyval(coef, x)) * math.sqrt(len(g) / (len(g) - 3))
+        fitted.append((g, np.polyval(coef, x), residuals))
     a_n, a_d, dropped = [], [], 0
     for _ in range(n_boot):
         try:

@@ -135,3 +135,87 @@ def test_checks_accept_the_reference_and_reject_mistakes():
         checks.check_fit_power_law(lambda x, y: (1.0, float(np.polyfit(x, y, 1)[0])))  # a line in linear space
     with pytest.raises(CheckFailed, match="None"):
         checks.check_fit_power_law(lambda x, y: None)
+
+
+def test_heldout_loss_is_the_mean_over_fixed_windows_and_restores_train_mode():
+    torch.manual_seed(0)
+    config = scaling.model_config(1, 16, vocab_size=11, block_size=8)
+    model = llama.Llama(config).train()
+    val_ids = torch.randint(0, 11, (100,))
+    got = scaling.heldout_loss(model, val_ids, seq_len=8, n_windows=5, batch_size=2)
+    assert model.training
+    model.eval()
+    starts = torch.linspace(0, 100 - 8 - 1, 5).long().tolist()  # evenly spread, first and last included
+    with torch.no_grad():
+        by_hand = [torch.nn.functional.cross_entropy(model(val_ids[s:s + 8][None])[0][0], val_ids[s + 1:s + 9]).item()
+                   for s in starts]
+    assert starts[0] == 0 and starts[-1] == 91
+    assert got == pytest.approx(sum(by_hand) / 5, rel=1e-5)
+
+
+def test_train_run_schedule_ends_at_min_lr(monkeypatch):
+    made = []
+
+    class Recording(scaling.train.Trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(scaling.train, "Trainer", Recording)
+    ids = torch.randint(0, 8, (2000,), generator=torch.Generator().manual_seed(0))
+    config = scaling.model_config(1, 16, vocab_size=8, block_size=16)
+    budget = 30 * 4 * 16 * scaling.flops_per_token(config, 16)
+    run = scaling.train_run(1, 16, budget, ids[:1800], ids[1800:], vocab_size=8, seq_len=16, batch_size=4,
+                            lr=1e-2, eval_windows=4)
+    lrs = made[0].history.lr
+    assert run.steps == scaling.steps_for_budget(config, budget, 16, 4) == 30 == len(lrs)
+    assert max(lrs) == pytest.approx(1e-2) and lrs[-1] == pytest.approx(1e-3, rel=0.03)  # cosine to lr/10, one step short of its end
+
+
+def test_bootstrap_drops_replicates_without_a_minimum_and_fits_both_exponents():
+    _, runs = synthetic_runs(noise=0.003, seed=1)
+    boot = scaling.bootstrap_exponents(runs, n_boot=100, seed=0)
+    assert len(boot["a_d"]) == len(boot["a_n"])
+    assert np.median(boot["a_d"]) == pytest.approx(0.5, abs=0.03)  # alpha = beta: D_opt ~ C^0.5 as well
+    # a nearly flat valley with large scatter: many resampled parabolas open downwards
+    _, flat = synthetic_runs(noise=0.2, seed=2)
+    shaky = scaling.bootstrap_exponents(flat, n_boot=100, seed=0)
+    assert shaky["dropped"] > 0 and len(shaky["a_n"]) + shaky["dropped"] == 100
+    with pytest.raises(ValueError, match="at least 4 runs"):
+        scaling.bootstrap_exponents([r for r in runs if r.budget == BUDGETS[0]][:3], n_boot=5)
+
+
+def test_flops_exponent_and_the_relation_between_the_two_exponents():
+    _, runs = synthetic_runs()
+    assert scaling.flops_exponent(runs) == pytest.approx(1.0, abs=1e-3)  # C = 6ND exactly: f = 6N
+    family = [scaling.model_config(*s, 65, 128) for s in scaling.SIZES]
+    real = [scaling.Run(budget=1e12, n_layer=c.n_layer, n_embd=c.n_embd, params=scaling.count_params(c), tokens=1000,
+                        flops=1000.0 * scaling.flops_per_token(c, 128), steps=1, epochs=0.0, val_loss=0.0, seconds=0.0)
+            for c in family]
+    assert 0.7 < scaling.flops_exponent(real) < 0.95  # the attention term weighs most in the smallest models
+
+
+def test_run_table_has_one_line_per_run():
+    _, runs = synthetic_runs()
+    table = scaling.run_table(runs).splitlines()
+    assert len(table) == len(runs) + 1 and "val loss" in table[0]
+    assert f"{runs[0].val_loss:8.4f}" in table[1]
+
+
+def test_check_isoflop_minimum_wants_a_value_error_for_a_hill():
+    def no_guard(params, losses):
+        x = np.log(np.asarray(params, dtype=float))
+        a, b, c = np.polyfit(x, losses, 2)
+        return math.exp(-b / (2 * a)), c - b * b / (4 * a)
+
+    with pytest.raises(CheckFailed, match="ValueError"):
+        checks.check_isoflop_minimum(no_guard)
+
+
+def test_check_flops_names_the_missing_term():
+    def no_head(config, T):
+        d, kv, h = config.n_embd, config.n_kv_heads * config.head_dim, config.ffn_hidden
+        return 6 * config.n_layer * (2 * d * d + 2 * d * kv + 3 * d * h) + 12 * config.n_layer * d * T
+
+    with pytest.raises(CheckFailed, match="output head"):
+        checks.check_flops_per_token(no_head)

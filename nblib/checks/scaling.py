@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -33,6 +34,20 @@ def _as_pair(what: str, result) -> tuple[float, float]:
         raise CheckFailed(f"{what}: expected a pair of numbers, got {result!r}") from err
 
 
+def _name_the_gap(config: llama.LlamaConfig, seq_len: int, missing: float) -> str:
+    """If a wrong count is off by exactly one familiar term, say which (a hint in the failure)."""
+    L, d, V = config.n_layer, config.n_embd, config.vocab_size
+    terms = {"the attention term 12 * n_layer * n_embd * seq_len": 12 * L * d * seq_len,
+             "the output head's 6 * n_embd * vocab_size": 6 * d * V,
+             "the RMSNorm gains' 6 * (2 * n_layer + 1) * n_embd (gains multiply nothing: leave them out)":
+                 6 * (2 * L + 1) * d,
+             "the embedding table's 6 * vocab_size * n_embd (a lookup, not a matmul: leave it out)": 6 * V * d}
+    for name, value in terms.items():
+        if abs(abs(missing) - value) < 0.5:
+            return f" (yours is {'short of' if missing > 0 else 'over by'} exactly {name})"
+    return ""
+
+
 def check_flops_per_token(train_flops_per_token) -> None:
     """``train_flops_per_token(config, seq_len)``: 6 x (matmul weights) + 12 * n_layer * n_embd * seq_len,
     equal to what ``FlopCounterMode`` measures on a forward and backward pass."""
@@ -45,8 +60,9 @@ def check_flops_per_token(train_flops_per_token) -> None:
         what = (f"train_flops_per_token(n_layer={config.n_layer}, n_embd={config.n_embd}, n_head={config.n_head}, "
                 f"n_kv_heads={config.n_kv_heads}, vocab={config.vocab_size}, seq_len={seq_len})")
         got = call_learner(what, train_flops_per_token, config, seq_len)
-        expect_close(f"{what} against FlopCounterMode", got, measured_flops_per_token(config, seq_len),
-                     atol=0.5, rtol=1e-9)
+        expected = measured_flops_per_token(config, seq_len)
+        gap = _name_the_gap(config, seq_len, expected - float(got)) if isinstance(got, numbers.Real) else ""
+        expect_close(f"{what} against FlopCounterMode{gap}", got, expected, atol=0.5, rtol=1e-9)
     passed("train_flops_per_token")
 
 
@@ -66,6 +82,14 @@ def check_isoflop_minimum(isoflop_minimum) -> None:
         n_opt, loss_opt = _as_pair(what, call_learner(what, isoflop_minimum, params, losses))
         expect_close(f"{what}: N_opt", n_opt, expected_n, atol=0, rtol=1e-4)
         expect_close(f"{what}: the loss at N_opt", loss_opt, expected_loss, atol=1e-6, rtol=1e-6)
+    x = np.log(1e5) + np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    what = "isoflop_minimum on a hill (losses highest in the middle: the sizes do not bracket a minimum)"
+    try:
+        result = isoflop_minimum(np.exp(x).tolist(), (2.0 - 0.1 * (x - x.mean()) ** 2).tolist())
+    except ValueError:
+        pass
+    else:
+        raise CheckFailed(f"{what}: expected a ValueError, got {result!r}")
     passed("isoflop_minimum")
 
 
