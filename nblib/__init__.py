@@ -23,6 +23,7 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``base``: the small base model the post-training lessons share, pretrained on tinyshakespeare and cached by config (08 on)
 - ``sft``: supervised fine-tuning: padded chat batches, the masked loss, held-out loss, accuracy and format evals (08 on)
 - ``scaling``: FLOPs of a training run, IsoFLOP sweeps, parabola and power-law fits, the loss surface L(N, D) (12)
+- ``profiling``: torch.profiler categories, MFU and the peak table, activation memory, the speed ladder (13)
 - ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
