@@ -24,6 +24,8 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``sft``: supervised fine-tuning: padded chat batches, the masked loss, held-out loss, accuracy and format evals (08 on)
 - ``scaling``: FLOPs of a training run, IsoFLOP sweeps, parabola and power-law fits, the loss surface L(N, D) (12)
 - ``profiling``: torch.profiler categories, MFU and the peak table, activation memory, the speed ladder (13)
+- ``shards``: token shards (uint16 files, a manifest with sha256), their preparation, the rows each process reads (14)
+- ``pretrain``: the training program, ``python -m nblib.pretrain``: presets, DDP under torchrun, exact resume (14)
 - ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """

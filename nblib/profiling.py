@@ -624,9 +624,9 @@ def rows_from_json(d: dict) -> list[Row]:
 
 
 def measured_ladders(folder: str | Path | None = None) -> list[dict]:
-    """Ladder JSONs committed under ``nblib/measured/`` (GPU runs someone made), if any."""
+    """Ladder JSONs committed under ``nblib/measured/`` (``ladder_*.json``, GPU runs someone made), if any."""
     folder = Path(folder) if folder else Path(__file__).resolve().parent / "measured"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("ladder_*.json"))] if folder.is_dir() else []
 
 
 def default_setup(device) -> tuple[llama.LlamaConfig, int, int]:
@@ -640,7 +640,7 @@ def default_setup(device) -> tuple[llama.LlamaConfig, int, int]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Lesson 13's speed ladder on this machine's device.")
     parser.add_argument("--ladder", action="store_true", help="run the speed ladder")
-    parser.add_argument("--out", default="ladder.json", help="where to write the JSON")
+    parser.add_argument("--out", default="ladder.json", help="where to write the JSON (commit it as nblib/measured/ladder_<gpu>.json for lesson 13 to show)")
     parser.add_argument("--steps", type=int, default=20, help="training steps per rung")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (its compile time)")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (a smoke test)")

@@ -134,7 +134,7 @@ def test_tiny_ladder_runs_and_round_trips(tmp_path):
     assert all(r.ms_per_step > 0 and 0 < r.mfu <= 1 for r in ran)
     assert all(abs(r.loss - rows[0].loss) <= r.loss_tol for r in ran if r.loss_tol is not None)
     assert ran[-1].loss_tol is None  # the larger batch is not compared
-    path = tmp_path / "ladder.json"
+    path = tmp_path / "ladder_cpu.json"
     path.write_text(json.dumps(profiling.ladder_json(rows, "cpu", config)))
     back = json.loads(path.read_text())
     assert back["torch"] == torch.__version__ and back["config"]["n_embd"] == 16 and back["date"]

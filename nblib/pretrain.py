@@ -1,0 +1,854 @@
+"""The pre-training program of lesson 14: one file that trains a Llama-style model on one
+device, and runs unchanged under ``torchrun`` on several GPUs and machines (DDP).
+
+    python -m nblib.pretrain --preset shakespeare-char --out runs/char          # one GPU, or the CPU
+    torchrun --standalone --nproc_per_node=8 -m nblib.pretrain --preset gpt2-124m --out runs/124m
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        -m nblib.pretrain --preset gpt2-124m --out /shared/runs/124m            # two machines
+    python -m nblib.pretrain --preset gpt2-124m --tiny --out /tmp/t               # seconds on a CPU
+    python -m nblib.pretrain --preset shakespeare-char --lr 3e-4 --max_steps 2000  # any Preset field
+
+Every piece comes from a lesson and is imported, not rewritten: the model (``nblib.llama``),
+the optimizer step with its schedule, clipping, accumulation, autocast and GradScaler
+(``nblib.train.Trainer``), checkpoints (``nblib.checkpoint``), the peak FLOP/s table and
+MFU (``nblib.profiling``), token shards (``nblib.shards``). What is new here is what a run
+at scale adds around them:
+
+- **Speed**: bfloat16 autocast where the GPU has it (float16 with a GradScaler where it
+  does not, float32 on a CPU), TF32 matmuls, SDPA (flash) attention, ``torch.compile``
+  (on by default on CUDA), fused AdamW on CUDA, the vocabulary padded to a multiple of 128,
+  no host sync inside a step (losses stay on the device until a log row reads them),
+  batches from memory-mapped shards, copied from pinned memory without blocking.
+- **Data parallelism**: under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the
+  environment) every process holds a copy of the model (``DistributedDataParallel``) and
+  reads its own rows; the backward pass averages the gradients of all processes. The
+  global batch is fixed by the preset: ``accum_steps = global_batch / (batch_size *
+  processes)`` micro-batches per step, and DDP's all-reduce runs only on the last one
+  (``no_sync`` on the others). Step s reads the same rows however the batch is split
+  (``nblib.shards.rank_rows``), so 1 GPU and 8 GPUs train the same model, up to rounding.
+- **Only rank 0** prints, evaluates, samples, writes the log and saves.
+- **Checkpoints** hold the model, AdamW's moments, the step, the RNG states and the data
+  order; ``--resume`` continues exactly where the checkpoint stopped (the losses equal the
+  uninterrupted run's), on any number of processes. Every process reads the checkpoint:
+  on several machines, ``--out`` must be a disk they share.
+
+The run writes, in ``--out``: ``config.json`` (the settings and what they imply),
+``log.jsonl`` (one JSON object per line, see ``RunLog``) and ``ckpt.safetensors``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nblib import checkpoint, data, profiling, shards
+from nblib.llama import Llama, LlamaConfig, generate
+from nblib.runmode import is_fast, pick_device, setup
+from nblib.train import TrainConfig, Trainer, lr_at, next_token_loss, resolve_dtype
+
+CHECKPOINT = "ckpt.safetensors"
+
+
+# ---------------------------------------------------------------------------- presets
+
+@dataclass
+class Preset:
+    """A run's settings. Every field is also a command-line option (``--max_steps 100``)."""
+
+    data: str = "shakespeare-char"  # shakespeare-char, shakespeare-gpt2 (prepared when missing), fineweb-edu
+                                    # (prepare it first: nblib.shards), or a folder of prepared shards
+    # the model (nblib.llama.LlamaConfig)
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_heads: int = 0             # 0: one per query head (plain multi-head attention)
+    n_embd: int = 384
+    seq_len: int = 256              # tokens per row: the model's block_size
+    tie_embeddings: bool = False
+    vocab_multiple: int = 128       # the vocabulary is padded up to a multiple of this (GPU matmul tiles)
+    # the batch
+    batch_size: int = 64            # rows per micro-batch, per process
+    global_batch: int = 64          # rows per optimizer step, all processes and micro-batches together
+    # the optimisation (nblib.train.TrainConfig)
+    max_steps: int = 5000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    dtype: str = "auto"             # bfloat16, float16 (with a GradScaler), float32, or auto (run_dtype)
+    shuffle: bool = True            # a seeded order of windows, shifted each pass; False: sequential
+    seed: int = 1337                # the model's initialisation and the data order
+    # bookkeeping
+    log_interval: int = 10          # steps between log rows (the only times the host waits for the device)
+    eval_interval: int = 250        # steps between evaluations (also at step 0 and at the end)
+    eval_batches: int = 200         # batches per split per evaluation (each batch_size rows)
+    ckpt_interval: int = 1000       # steps between checkpoints (also at the end)
+    sample_tokens: int = 200        # tokens sampled from the final checkpoint
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+PRESETS = {
+    # nanoGPT's shakespeare-char GPU demo (6 layers, 6 heads, 384 wide, block 256, batch 64,
+    # 5000 iterations, lr 1e-3, beta2 0.99), Llama-style and without dropout. nanoGPT's
+    # best validation loss: 1.4697 (A100, about 3 minutes). 16,384 tokens per step.
+    "shakespeare-char": Preset(),
+    # GPT-2 small's shape (12 layers, 12 heads, 768 wide, T=1024, tied embeddings: 124M
+    # parameters with the padded 50,304-token vocabulary) Llama-style, on FineWeb-edu, with
+    # build-nanogpt's recipe: 524,288 tokens per step (512 rows; gradient accumulation where
+    # fewer than 8 GPUs hold 64 rows each), lr 6e-4 warmed up over 715 steps, cosine to 6e-5.
+    # 19,073 steps x 524,288 tokens = 10.0B tokens (one pass over FineWeb-edu's sample-10BT).
+    "gpt2-124m": Preset(data="fineweb-edu", n_layer=12, n_head=12, n_embd=768, seq_len=1024, tie_embeddings=True,
+                        batch_size=64, global_batch=512, max_steps=19_073, lr=6e-4, min_lr=6e-5, warmup_steps=715,
+                        beta2=0.95, eval_interval=250, eval_batches=20, ckpt_interval=1000, sample_tokens=64),
+    # A free Colab T4 (float16 Tensor Cores, no bfloat16: GradScaler): a 30M-parameter model
+    # (10.6M outside the tied embeddings) on GPT-2 tokens of FineWeb-edu, 4,000 steps of
+    # 32,768 tokens = 131M tokens, 194 MFLOP per token: 2.5e16 FLOPs, about 26 min at 25%
+    # of the T4's 65 TFLOP/s (an estimate, not measured). Prepare 140M tokens first.
+    "colab-t4": Preset(data="fineweb-edu", n_layer=6, n_head=6, n_embd=384, seq_len=512, tie_embeddings=True,
+                       batch_size=16, global_batch=64, max_steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=200,
+                       beta2=0.95, dtype="float16", eval_interval=250, eval_batches=20, ckpt_interval=500,
+                       sample_tokens=64),
+}
+
+# The tiny form of every preset (--tiny, or NBLIB_FAST=1): a ~0.1M-parameter model and a
+# few steps, seconds on a CPU; GPT-2-token presets read tinyshakespeare's GPT-2 tokens
+# (packaged, offline) instead of FineWeb-edu (their 50,304-row embedding is most of the model).
+TINY = dict(n_layer=2, n_head=2, n_kv_heads=0, n_embd=64, seq_len=64, batch_size=8, global_batch=16, max_steps=8,
+            warmup_steps=2, log_interval=1, eval_interval=4, eval_batches=2, ckpt_interval=4, sample_tokens=32)
+TINY_DATA = {"fineweb-edu": "shakespeare-gpt2"}
+
+
+def tiny(preset: Preset) -> Preset:
+    return dataclasses.replace(preset, **TINY, data=TINY_DATA.get(preset.data, preset.data))
+
+
+def model_config(preset: Preset, vocab_size: int) -> LlamaConfig:
+    """The model of ``preset`` for a vocabulary of ``vocab_size`` tokens (padded: the extra
+    rows never occur in the data, and training pushes their logits down)."""
+    padded = preset.vocab_multiple * math.ceil(vocab_size / preset.vocab_multiple)
+    return LlamaConfig(vocab_size=padded, block_size=preset.seq_len, n_layer=preset.n_layer, n_head=preset.n_head,
+                       n_kv_heads=preset.n_kv_heads or None, n_embd=preset.n_embd,
+                       tie_embeddings=preset.tie_embeddings)
+
+
+def accum_steps(preset: Preset, world_size: int) -> int:
+    """Micro-batches per optimizer step, so that every step has ``global_batch`` rows."""
+    per_micro = preset.batch_size * world_size
+    if preset.global_batch % per_micro:
+        raise ValueError(f"global_batch={preset.global_batch} is not a multiple of batch_size x processes = "
+                         f"{preset.batch_size} x {world_size} = {per_micro}: change --batch_size or --global_batch")
+    return preset.global_batch // per_micro
+
+
+@dataclass
+class RunConfig(TrainConfig):
+    """``nblib.train``'s TrainConfig, checked on resume, except for how the step's rows are split
+    into processes and micro-batches (``global_batch`` is checked instead: it is what fixes
+    the run) and how often it evaluates: a run may resume on another number of GPUs."""
+
+    _RESUMABLE_CHANGES = TrainConfig._RESUMABLE_CHANGES + ("batch_size", "grad_accum_steps", "eval_interval",
+                                                           "eval_batches")
+
+
+def run_dtype(device: torch.device, dtype: str = "auto") -> str:
+    """The autocast dtype. "auto": bfloat16 on a GPU with bfloat16 Tensor Cores (compute
+    capability 8.0 on: A100, H100, L4, RTX 30xx), float16 (with a GradScaler) on older ones
+    (T4, V100: ``torch.cuda.is_bf16_supported()`` says yes there, but it is emulated, slowly),
+    float32 elsewhere."""
+    if dtype == "auto" and device.type == "cuda":
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
+    return resolve_dtype(device, dtype)
+
+
+def train_config(preset: Preset, accum: int, ckpt: Path, dtype: str = "float32") -> RunConfig:
+    p = preset
+    return RunConfig(max_steps=p.max_steps, batch_size=p.batch_size, block_size=p.seq_len, grad_accum_steps=accum,
+                     lr=p.lr, min_lr=p.min_lr, warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
+                     betas=(p.beta1, p.beta2), grad_clip=p.grad_clip, eval_interval=p.eval_interval,
+                     eval_batches=p.eval_batches, dtype=dtype, seed=p.seed, checkpoint_path=str(ckpt),
+                     checkpoint_interval=p.ckpt_interval, log_interval=p.log_interval)
+
+
+# ---------------------------------------------------------------------------- processes
+
+@dataclass
+class Env:
+    """Which process this is: rank among ``world_size`` processes, ``local_rank`` on its machine."""
+
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1       # processes on this machine
+
+    @property
+    def devices(self) -> int:
+        """How many devices' peaks the run has: one per GPU process; CPU processes share their
+        machine's cores, so one per machine."""
+        return self.world_size if self.device.type == "cuda" else max(1, self.world_size // self.local_world_size)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> Env:
+    """Join torchrun's process group if torchrun started us (NCCL on GPUs, gloo on CPUs);
+    otherwise a single process on the best device. Each GPU process takes GPU ``LOCAL_RANK``."""
+    if "RANK" not in os.environ:
+        return Env(pick_device(device))
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if cuda:
+        where = torch.device("cuda", local)
+        torch.cuda.set_device(where)
+        dist.init_process_group("nccl", device_id=where)
+    else:
+        where = torch.device(device or "cpu")
+        dist.init_process_group("gloo")
+    return Env(where, rank, local, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
+
+    Their state dicts prefix every name (``module._orig_mod.lm_head.weight``); a checkpoint
+    saved from the plain model loads into a plain model, compiled or not, on any number of GPUs."""
+    while True:
+        if isinstance(model, DDP):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def fused_adamw(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:
+    """The same AdamW (groups and hyper-parameters) as one fused kernel per step instead of
+    several small ones per parameter (CUDA)."""
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    d = optimizer.defaults
+    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=True)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def peak_for(device: torch.device, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device for the matmuls this run does, where the figure comes from);
+    None when nblib.profiling has no sourced figure for this GPU (better no MFU than a wrong one)."""
+    kind = "tf32" if device.type == "cuda" and dtype == "float32" else dtype  # TF32 matmuls are on
+    try:
+        return profiling.device_peak(device, kind)
+    except (KeyError, ValueError) as err:
+        return None, f"no MFU: {err}"
+
+
+def run_mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, devices: int = 1) -> float | None:
+    """MFU of the whole run: its FLOP/s over the peak of all its devices (= the MFU of each)."""
+    return None if peak is None else profiling.mfu(flops_per_token, tokens_per_s, peak * devices)
+
+
+def step_mfu(step_seconds: float, global_batch: int, seq_len: int, flops_per_token: float,
+             peak_per_device: float, devices: int = 1) -> float:
+    """MFU of one optimizer step of ``global_batch`` x ``seq_len`` tokens on ``devices`` devices
+    (lesson 14's exercise): the step's FLOP/s over the peak of all of them."""
+    return flops_per_token * global_batch * seq_len / step_seconds / (peak_per_device * devices)
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """What DDP does in the backward pass, written out (lesson 14's exercise): every gradient
+    becomes its mean over the processes, one all-reduce (a sum in every process) each."""
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world
+
+
+def choose_batch_size(measured: dict[int, float], budget_bytes: float, global_batch: int) -> tuple[int, float, float]:
+    """(B, fixed, per_row): the largest micro-batch B that divides ``global_batch`` and fits
+    ``budget_bytes``, by a least-squares line ``bytes = fixed + per_row * B`` through the
+    ``measured`` {B: peak bytes} (lesson 14's exercise). ValueError when not even B = 1 fits."""
+    if len(measured) < 2:
+        raise ValueError(f"a line needs measurements at 2 or more batch sizes, got {sorted(measured)}")
+    sizes = sorted(measured)
+    per_row, fixed = np.polyfit(sizes, [measured[b] for b in sizes], 1)
+    for b in sorted((d for d in range(1, global_batch + 1) if global_batch % d == 0), reverse=True):
+        if fixed + per_row * b <= budget_bytes:
+            return b, float(fixed), float(per_row)
+    raise ValueError(f"not even one row fits: {fixed + per_row:,.0f} bytes predicted for B = 1, budget "
+                     f"{budget_bytes:,.0f}; use a smaller model, shorter rows, or a device with more memory")
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The most memory this process has used: CUDA's max allocated, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class Speedometer:
+    """Tokens per second between log rows, leaving out time spent evaluating and saving.
+    The first interval includes warm-up (torch.compile's compilation): ``steady`` leaves it out."""
+
+    def __init__(self, tokens_per_step: int, device: torch.device):
+        self.tokens_per_step, self.device = tokens_per_step, device
+        self.steps, self.intervals = 0, []  # (steps, seconds) per log row
+        self.restart()
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def read(self) -> float:
+        profiling.synchronize(self.device)  # CUDA runs ahead of Python: wait before reading the clock
+        seconds = time.perf_counter() - self.mark
+        self.intervals.append((self.steps, seconds))
+        tokens_per_s = self.steps * self.tokens_per_step / max(seconds, 1e-9)
+        self.steps = 0
+        self.restart()
+        return tokens_per_s
+
+    def steady(self) -> float | None:
+        counted = self.intervals[1:] or self.intervals
+        steps, seconds = sum(s for s, _ in counted), sum(t for _, t in counted)
+        return steps * self.tokens_per_step / seconds if seconds else None
+
+
+class RunLog:
+    """``log.jsonl`` and the console, written by rank 0 only (``path=None`` elsewhere).
+
+    One JSON object per line, each with a ``kind``:
+
+    - ``start``: ``step`` (0, or the checkpoint's on resume), ``resumed``, ``world_size``;
+    - ``train``: ``step``, ``loss`` (mean training loss of the steps since the previous row,
+      over all processes), ``lr`` and ``grad_norm`` (before clipping) of that step,
+      ``tokens`` (seen so far), ``tokens_per_s`` (all processes), ``mfu`` (against the peak of
+      one device times config.json's ``devices_in_peak``; None without a peak figure),
+      ``memory_bytes`` (CUDA max allocated, or the CPU's peak RSS), ``elapsed_s``,
+      ``grad_scale`` (float16 only);
+    - ``eval``: ``step``, ``val_loss``, ``train_loss`` (fixed batches of each split), ``elapsed_s``;
+    - ``checkpoint``: ``step``, ``path``;
+    - ``sample``: ``step``, ``prompt``, ``text`` (from the final checkpoint);
+    - ``debug`` (``--debug``): ``step``, ``rows`` and ``window_starts`` of each rank's first micro-batch;
+    - ``summary``: the run's totals (see ``summary``).
+
+    A resumed run appends to the same file; a step logged before the interruption and
+    again after it has the same numbers (resume is exact).
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, kind: str, **row) -> dict:
+        row = {"kind": kind, **row}
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+            line = describe_row(row)
+            if line:
+                print(line, flush=True)
+        return row
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def describe_row(row: dict) -> str | None:
+    """One console line for a log row."""
+    kind = row["kind"]
+    if kind == "train":
+        mfu = f" | MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
+        mem = f" | {row['memory_bytes'] / 2**30:.2f} GiB" if row["memory_bytes"] else ""
+        return (f"step {row['step']:6d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f}"
+                f" | {row['tokens_per_s']:,.0f} tok/s{mfu}{mem}")
+    if kind == "eval":
+        return f"step {row['step']:6d} | val {row['val_loss']:.4f} | train {row['train_loss']:.4f}"
+    if kind == "sample":
+        return f"--- sample from step {row['step']} ---\n{row['prompt']}{row['text']}\n---"
+    if kind == "summary":
+        return "summary: " + json.dumps(row)
+    if kind in ("start", "checkpoint"):
+        return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "kind")
+    return None
+
+
+# ---------------------------------------------------------------------------- data
+
+def shard_folder(preset: Preset, data_dir: str | None, env: Env) -> Path:
+    """Where the preset's shards are; tinyshakespeare is prepared on the spot (by one process
+    per machine; the others wait), FineWeb-edu and others must be prepared beforehand."""
+    source = preset.data
+    if data_dir:
+        folder = Path(data_dir)
+    elif Path(source).is_dir():
+        folder = Path(source)
+    else:
+        folder = data.cache_dir() / "shards" / source
+    if source in shards.PACKAGED_SOURCES:
+        if env.local_rank == 0:
+            shards.ensure_prepared(source, folder)
+        barrier()
+    elif not (folder / shards.MANIFEST).is_file():
+        how = (f"python -m nblib.shards prepare --source {source} --out {folder} --tokens N"
+               if not Path(source).is_dir() else "python -m nblib.shards prepare --source SOURCE --out FOLDER")
+        raise FileNotFoundError(
+            f"no prepared shards for {source!r} in {folder}. Prepare them first, e.g.\n  {how}\n"
+            f"(fineweb-edu needs `pip install datasets` and the network; gpt2-124m reads 10B tokens, "
+            f"20 GB of shards) and pass --data-dir to where they are.")
+    return folder
+
+
+def data_identity(folder: Path, preset: Preset) -> dict:
+    """What fixes which rows each step reads: the shards (their manifest's hash), the global
+    batch and the order's seed. A checkpoint resumes only with the same."""
+    manifest = hashlib.sha256((folder / shards.MANIFEST).read_bytes()).hexdigest()
+    return {"manifest_sha256": manifest, "global_batch": preset.global_batch, "seq_len": preset.seq_len,
+            "order_seed": preset.seed if preset.shuffle else None}
+
+
+# ---------------------------------------------------------------------------- the run
+
+@dataclass
+class Options:
+    """How to run, apart from what to train (the preset)."""
+
+    out: Path
+    data_dir: str | None = None
+    resume: bool = False            # continue from out/ckpt.safetensors if it exists (else start afresh)
+    stop_at: int | None = None      # stop (and save) after this step, as if interrupted
+    compile: bool | None = None     # None: on CUDA only
+    checksums: bool = True          # hash every shard before reading it (~1 s per GB)
+    debug: bool = False             # log each rank's first rows
+
+
+def train_loss(runner: torch.nn.Module):
+    """``Trainer.step``'s loss for a training micro-batch ``(x, y, last)``.
+
+    The forward goes through the wrappers (compiled, DDP). DDP decides in its forward
+    whether this micro-batch's backward all-reduces the gradients; on all but the
+    ``last`` micro-batch of a step, ``no_sync`` makes it accumulate them locally instead,
+    so the step costs one all-reduce however many micro-batches it has."""
+    def loss_fn(_model, batch):
+        x, y, last = batch
+        skip_sync = isinstance(runner, DDP) and not last
+        with runner.no_sync() if skip_sync else contextlib.nullcontext():
+            _, loss = runner(x, y)
+        return loss
+    return loss_fn
+
+
+def eval_batches(windows: dict[str, shards.Windows], batch_size: int, device: torch.device):
+    """``get_batch(split, generator)`` for ``nblib.train.estimate_loss``: windows drawn with its
+    seeded generator, so every evaluation scores the same batches."""
+    def get_batch(split, generator):
+        rows = torch.randint(windows[split].n_windows, (batch_size,), generator=generator).tolist()
+        return windows[split].batch(rows, device)
+    return get_batch
+
+
+def sample_text(path: Path, manifest: dict, device: torch.device, n_tokens: int, seed: int) -> tuple[str, str]:
+    """(prompt, continuation) sampled from the checkpoint at ``path``, loaded into a plain model
+    as anyone loading it would (temperature 0.8, top-k 200, KV cache), without the padding tokens."""
+    model = unpadded(checkpoint.load_model(path, device), manifest["vocab_size"])
+    tokenizer = shards.tokenizer_for(manifest)
+    if manifest["eot_token"] is not None:
+        prompt_ids = [manifest["eot_token"]]  # documents begin after <|endoftext|>
+    else:
+        prompt_ids = tokenizer.encode("\n" if "\n" in manifest["chars"] else manifest["chars"][0])
+    n = max(0, min(n_tokens, model.config.block_size - len(prompt_ids)))
+    out = generate(model, torch.tensor([prompt_ids], device=device), n, temperature=0.8, top_k=200,
+                   generator=torch.Generator().manual_seed(seed))
+    return tokenizer.decode(prompt_ids), tokenizer.decode(out[0, len(prompt_ids):].tolist())
+
+
+def unpadded(model: Llama, vocab_size: int) -> Llama:
+    """A copy of ``model`` with only the first ``vocab_size`` rows of its embedding and output
+    matrices: the padding tokens, which never occur in the data, can then never be sampled
+    (and the model exports with its tokenizer's vocabulary). The reverse of profiling.pad_vocab."""
+    c = model.config
+    small = Llama(dataclasses.replace(c, vocab_size=vocab_size)).to(next(model.parameters()).device)
+    vocab_rows = ("model.embed_tokens.weight", "lm_head.weight")
+    small.load_state_dict({k: v[:vocab_size] if k in vocab_rows else v for k, v in model.state_dict().items()})
+    return small
+
+
+def wrap(model: Llama, env: Env, use_compile: bool) -> torch.nn.Module:
+    """The model as the training step calls it: compiled (``torch.compile``), then in DDP when
+    there are several processes (nanoGPT's order)."""
+    runner = torch.compile(model) if use_compile else model
+    if env.world_size > 1:
+        # DDP also re-sends rank 0's buffers (here only the RoPE tables) about once a step: 2 x T x head_dim
+        # floats, too few to be worth an option whose name changes between torch versions
+        runner = DDP(runner, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return runner
+
+
+def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (compiled, if it was): rank 0 evaluates with it alone, since
+    DDP's forward would wait for the other processes."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def due(done: int, interval: int, last: int) -> bool:
+    """Whether something that happens every ``interval`` steps, and after step ``last``, happens now."""
+    return interval > 0 and (done % interval == 0 or done == last)
+
+
+class Run:
+    """One process's part of a training run: everything is built in ``__init__``; ``train()``
+    runs the steps and returns the summary (rank 0; the others return {})."""
+
+    def __init__(self, preset: Preset, opts: Options, env: Env):
+        self.preset, self.opts, self.env = preset, opts, env
+        self.started = time.perf_counter()
+        device = env.device
+        if device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever float32 matmuls remain
+        # data
+        self.folder = shard_folder(preset, opts.data_dir, env)
+        # one process per machine hashes the shards (the others check their sizes): the same files,
+        # read once; if they are corrupt, its error ends the run (torchrun stops every process)
+        hashed = opts.checksums and env.local_rank == 0
+        train_seed = preset.seed if preset.shuffle else None
+        self.windows = {"train": shards.Windows(shards.TokenShards(self.folder, "train", hashed),
+                                                preset.seq_len, train_seed),
+                        "val": shards.Windows(shards.TokenShards(self.folder, "val", hashed), preset.seq_len)}
+        self.manifest = self.windows["train"].tokens.manifest
+        self.identity = data_identity(self.folder, preset)
+        self.accum = accum_steps(preset, env.world_size)
+        # model and trainer
+        torch.manual_seed(preset.seed)  # the same initial weights in every process
+        model = Llama(model_config(preset, self.manifest["vocab_size"])).to(device)
+        self.compile = device.type == "cuda" if opts.compile is None else opts.compile
+        self.runner = wrap(model, env, self.compile)
+        # The trainer holds the plain model: what it saves has the names a plain model loads.
+        self.ckpt = opts.out / CHECKPOINT
+        self.dtype = run_dtype(device, preset.dtype)
+        self.trainer = Trainer(unwrap(self.runner), train_config(preset, self.accum, self.ckpt, self.dtype), device,
+                               preset.tokens_per_step)
+        if device.type == "cuda":
+            self.trainer.optimizer = fused_adamw(self.trainer.optimizer)
+        self.resumed = opts.resume and self.ckpt.is_file()
+        if self.resumed:
+            self.resume()
+        # measuring and logging
+        self.peak, self.peak_source = peak_for(device, self.dtype)
+        self.flops_per_token = model.flops_per_token(preset.seq_len)
+        self.speed = Speedometer(preset.tokens_per_step, device)
+        self.evals = list(self.trainer.history.val)  # val losses so far (a resumed run has some)
+        if env.is_main:
+            opts.out.mkdir(parents=True, exist_ok=True)
+            (opts.out / "config.json").write_text(json.dumps(self.info(), indent=1))
+        self.log = RunLog(opts.out / "log.jsonl" if env.is_main else None)
+
+    def resume(self) -> None:
+        """Model, optimizer, step, RNG, history and GradScaler from the checkpoint (nblib.train
+        checks the model config and the TrainConfig), and a check that the data order is the same."""
+        saved = self.trainer.load(self.ckpt)["extra"].get("data_order")
+        if saved != self.identity:
+            raise ValueError(f"{self.ckpt} was trained with another data order ({saved}); this run has "
+                             f"{self.identity}. Resuming would not continue the same run: use the same shards, "
+                             "global_batch, seq_len and seed, or start afresh in another --out folder")
+
+    def train(self) -> dict:
+        p, env, trainer = self.preset, self.env, self.trainer
+        stop = p.max_steps if self.opts.stop_at is None else min(self.opts.stop_at, p.max_steps)
+        self.log.write("start", step=trainer.steps_done, resumed=self.resumed, world_size=env.world_size,
+                       accum_steps=self.accum, device=str(env.device), dtype=self.dtype, compile=self.compile)
+        if env.is_main and not self.resumed and p.eval_interval > 0:
+            self.evaluate()  # the untrained model: about ln(vocab_size)
+        loss_fn = train_loss(self.runner)
+        pending = []  # each step's loss, still on the device: reading it would wait for the GPU
+        for step in range(trainer.steps_done, stop):
+            if self.opts.debug and step == trainer.steps_done:
+                self.log_first_rows(step)
+            result = trainer.step(self.micro_batches(step), loss_fn)
+            pending.append(result["loss"])
+            self.speed.steps += 1
+            done = trainer.steps_done
+            if due(done, p.log_interval, stop):
+                self.log_train(done, pending, result["grad_norm"])
+                pending = []
+            if env.is_main and due(done, p.eval_interval, p.max_steps):
+                self.evaluate()
+            if env.is_main and (done == stop or due(done, p.ckpt_interval, stop)):
+                self.save()
+        return self.finish()
+
+    def micro_batches(self, step: int) -> list[tuple]:
+        """This process's micro-batches of ``step``: ``(x, y, last)``, ``last`` for the one that syncs."""
+        p, env = self.preset, self.env
+        return [(*self.windows["train"].batch(shards.rank_rows(step, m, env.rank, p.batch_size, env.world_size,
+                                                               self.accum), env.device), m == self.accum - 1)
+                for m in range(self.accum)]
+
+    def log_train(self, done: int, pending: list[torch.Tensor], grad_norm: torch.Tensor) -> None:
+        """A ``train`` row: the mean loss of the steps since the last row, over every process
+        (each holds the loss of its own rows), and how fast they went."""
+        losses = torch.stack(pending)
+        if self.env.world_size > 1:
+            dist.all_reduce(losses)
+            losses /= self.env.world_size
+        row = dict(step=done, loss=losses.mean().item(), lr=lr_at(done - 1, self.trainer.cfg),
+                   grad_norm=grad_norm.item(), tokens=done * self.preset.tokens_per_step)
+        tokens_per_s = self.speed.read()
+        row.update(tokens_per_s=tokens_per_s, mfu=run_mfu(self.flops_per_token, tokens_per_s, self.peak,
+                                                          self.env.devices),
+                   memory_bytes=memory_bytes(self.env.device), elapsed_s=self.elapsed())
+        if self.trainer.scaler is not None:
+            row["grad_scale"] = self.trainer.scaler.get_scale()
+        self.log.write("train", **row)
+
+    def evaluate(self) -> None:
+        """Mean loss on fixed batches of both splits (rank 0), through the compiled model but not DDP."""
+        get_batch = eval_batches(self.windows, self.preset.batch_size, self.env.device)
+        result = self.trainer.evaluate(get_batch, lambda _model, batch: next_token_loss(unwrap_ddp(self.runner), batch))
+        self.evals.append(result["val"])
+        self.log.write("eval", step=self.trainer.steps_done, val_loss=result["val"], train_loss=result["train"],
+                       elapsed_s=self.elapsed())
+        self.speed.restart()  # evaluation time is not training time
+
+    def save(self) -> None:
+        rows_done = self.trainer.steps_done * self.preset.global_batch  # the data position (rows of the order)
+        self.trainer.save(self.ckpt, extra={"data_order": self.identity, "rows_done": rows_done})
+        self.log.write("checkpoint", step=self.trainer.steps_done, path=str(self.ckpt))
+        self.speed.restart()
+
+    def finish(self) -> dict:
+        """Rank 0: a sample from the final checkpoint and the summary row. Everyone: wait for it."""
+        summary = {}
+        if self.env.is_main:
+            if not self.ckpt.is_file():
+                self.save()  # a run of 0 steps still leaves a checkpoint
+            finished = self.trainer.steps_done == self.preset.max_steps
+            if finished and self.preset.sample_tokens > 0:
+                prompt, text = sample_text(self.ckpt, self.manifest, self.env.device, self.preset.sample_tokens,
+                                           self.preset.seed)
+                self.log.write("sample", step=self.trainer.steps_done, prompt=prompt, text=text)
+            summary = self.log.write("summary", **self.summary(finished))
+        self.log.close()
+        barrier()  # the other processes wait for rank 0's evaluation, sample and checkpoint
+        return summary
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.started, 3)
+
+    def log_first_rows(self, step: int) -> None:
+        """Each rank's rows and window starts of its first micro-batch, gathered on rank 0 (--debug)."""
+        env = self.env
+        rows = list(shards.rank_rows(step, 0, env.rank, self.preset.batch_size, env.world_size, self.accum))
+        mine = (rows, [self.windows["train"].start(k) for k in rows])
+        everyone = [mine]
+        if env.world_size > 1:
+            everyone = [None] * env.world_size
+            dist.all_gather_object(everyone, mine)
+        self.log.write("debug", step=step, rows=[r for r, _ in everyone], window_starts=[s for _, s in everyone])
+
+    def info(self) -> dict:
+        """config.json: the settings and what they imply."""
+        p, env, model = self.preset, self.env, self.trainer.model
+        train_tokens = len(self.windows["train"].tokens)
+        return dict(
+            preset=dataclasses.asdict(p), model=dataclasses.asdict(model.config),
+            params=model.num_params(), params_without_embeddings=model.num_params(exclude_embeddings=True),
+            flops_per_token=self.flops_per_token, world_size=env.world_size, accum_steps=self.accum,
+            tokens_per_step=p.tokens_per_step, tokens_total=p.tokens_per_step * p.max_steps,
+            passes_over_data=p.tokens_per_step * p.max_steps / train_tokens,
+            devices_in_peak=env.devices, device=str(env.device), device_name=(torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
+                                                 else profiling.cpu_info().model),
+            dtype=self.dtype, compile=self.compile, peak_flops_per_device=self.peak, peak_source=self.peak_source,
+            data=dict(folder=str(self.folder), tokenizer=self.manifest["tokenizer"], source=self.manifest["source"],
+                      vocab_size=self.manifest["vocab_size"], train_tokens=train_tokens,
+                      val_tokens=len(self.windows["val"].tokens)),
+            torch=torch.__version__, command=sys.argv)
+
+    def summary(self, finished: bool) -> dict:
+        """The last and best val loss, throughput and MFU after the first log interval (which
+        holds warm-up and compilation), peak memory, parameters, wall time."""
+        tokens_per_s = self.speed.steady()
+        steps = self.trainer.steps_done
+        return dict(step=steps, max_steps=self.preset.max_steps, finished=finished,
+                    val_loss=self.evals[-1] if self.evals else None,
+                    best_val_loss=min(self.evals) if self.evals else None,
+                    tokens=steps * self.preset.tokens_per_step, tokens_per_s=tokens_per_s,
+                    mfu=run_mfu(self.flops_per_token, tokens_per_s, self.peak, self.env.devices)
+                    if tokens_per_s else None,
+                    memory_bytes=memory_bytes(self.env.device), params=self.trainer.model.num_params(),
+                    world_size=self.env.world_size, wall_s=self.elapsed(), checkpoint=str(self.ckpt))
+
+
+def run(preset: Preset, opts: Options, env: Env) -> dict:
+    """Train ``preset`` as this process of ``env``; return the summary row (rank 0) or {}."""
+    return Run(preset, opts, env).train()
+
+
+
+# ---------------------------------------------------------------------------- from a notebook
+
+MEASURED = Path(__file__).resolve().parent / "measured"  # runs measured on GPUs, committed as JSON
+
+
+def read_log(out: str | Path) -> list[dict]:
+    """The rows of ``out/log.jsonl``, in order (see ``RunLog`` for the kinds)."""
+    path = Path(out) / "log.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no log at {path}: has the run started (and is --out right)?")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def log_rows(log: list[dict], kind: str) -> list[dict]:
+    return [r for r in log if r["kind"] == kind]
+
+
+def launch(args: list[str], processes: int = 1, echo: bool = True, timeout: float | None = None) -> None:
+    """Run ``python -m nblib.pretrain ARGS`` as a new process (under ``torchrun`` with
+    ``processes`` > 1), printing its output as it comes, as a terminal would. A failed run
+    raises ``RuntimeError`` with the end of its output."""
+    if processes > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "nblib.pretrain", *args]
+    else:
+        command = [sys.executable, "-m", "nblib.pretrain", *args]
+    env = dict(os.environ)
+    if processes > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")  # CPU processes share the cores: one thread each
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if echo:
+                print(line, end="", flush=True)
+        code = proc.wait(timeout=timeout)
+    if code != 0:
+        tail = "".join(lines[-40:])
+        raise RuntimeError(f"the run failed (exit status {code}): {' '.join(command)}\n--- its last lines ---\n{tail}")
+
+
+def measurement(out: str | Path, preset: str | None = None) -> dict:
+    """What a finished run measured, as one JSON-able record: the device, torch, the date, the
+    command, config.json and the log's train, eval and summary rows (for ``nblib/measured/``)."""
+    out = Path(out)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    log = read_log(out)
+    summaries = log_rows(log, "summary")
+    if not summaries:
+        raise ValueError(f"{out}: the run has no summary row; it did not finish")
+    return {"kind": "pretrain", "preset": preset, "device": config["device_name"], "torch": config["torch"],
+            "date": time.strftime("%Y-%m-%d"), "command": " ".join(config["command"]), "config": config,
+            "train": log_rows(log, "train"), "eval": log_rows(log, "eval"), "summary": summaries[-1]}
+
+
+def measured_runs(folder: str | Path | None = None) -> list[dict]:
+    """The measured runs committed under ``nblib/measured/`` (``pretrain_*.json``), if any."""
+    folder = Path(folder) if folder else MEASURED
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("pretrain_*.json"))]
+
+
+# ---------------------------------------------------------------------------- command line
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_int(text: str) -> int:
+    return int(text.replace("_", ""))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nblib.pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--tiny", action="store_true", help="the preset's tiny form: seconds on a CPU (also NBLIB_FAST=1)")
+    p.add_argument("--out", help="folder for config.json, log.jsonl and ckpt.safetensors (default runs/PRESET)")
+    p.add_argument("--data-dir", help="the shard folder (default: ~/.cache/nblib/shards/DATA, or NBLIB_CACHE_DIR)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.safetensors if it exists")
+    p.add_argument("--stop-at", type=_parse_int,
+                   help="stop and save after this step, as if interrupted (the schedule still ends at max_steps)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on CUDA only)")
+    p.add_argument("--device", help="cuda, cpu, mps (default: the best there is; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--checksums", action=argparse.BooleanOptionalAction, default=True,
+                   help="check each shard's sha256 before reading (default on; off checks sizes only)")
+    p.add_argument("--debug", action="store_true", help="log each rank's first rows (a 'debug' row)")
+    p.add_argument("--measured", help="when the run ends, write what it measured (device, torch, date, log) to "
+                                      "this JSON file, e.g. nblib/measured/pretrain_<preset>_<gpu>.json")
+    fields = p.add_argument_group("preset fields (override the preset)")
+    for f in dataclasses.fields(Preset):
+        kind = type(f.default)
+        parse = {bool: _parse_bool, int: _parse_int}.get(kind, kind)
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        fields.add_argument(*names, dest=f.name, type=parse, default=None, metavar=kind.__name__.upper(),
+                            help=f"default: the preset's (shakespeare-char: {f.default})")
+    return p
+
+
+def preset_from_args(args: argparse.Namespace) -> Preset:
+    preset = PRESETS[args.preset]
+    if args.tiny or is_fast():
+        preset = tiny(preset)
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset) if getattr(args, f.name) is not None}
+    return dataclasses.replace(preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the program with command-line ``argv`` (default: ``sys.argv``); return the summary row."""
+    args = parser().parse_args(argv)
+    preset = preset_from_args(args)
+    small = args.tiny or is_fast()
+    out = Path(args.out or f"runs/{args.preset}{'-tiny' if small else ''}")
+    opts = Options(out=out, data_dir=args.data_dir, resume=args.resume, stop_at=args.stop_at, compile=args.compile,
+                   checksums=args.checksums, debug=args.debug)
+    env = init_distributed(args.device)
+    # Tiny models on a CPU run on one thread, as nblib.setup does in FAST mode: a second
+    # thread only adds synchronisation. The caller's thread count comes back afterwards.
+    one_thread = 1 if small and env.device.type == "cpu" else None
+    try:
+        with profiling.threads(one_thread):
+            setup(seed=preset.seed, device=str(env.device), quiet=not env.is_main)
+            summary = run(preset, opts, env)
+        if args.measured and env.is_main:
+            Path(args.measured).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.measured).write_text(json.dumps(measurement(out, args.preset), indent=1))
+        return summary
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
