@@ -28,9 +28,12 @@ at scale adds around them:
   (``nblib.shards.rank_rows``), so 1 GPU and 8 GPUs train the same model, up to rounding.
 - **Only rank 0** prints, evaluates, samples, writes the log and saves.
 - **Checkpoints** hold the model, AdamW's moments, the step, the RNG states and the data
-  order; ``--resume`` continues exactly where the checkpoint stopped (the losses equal the
-  uninterrupted run's), on any number of processes. Every process reads the checkpoint:
-  on several machines, ``--out`` must be a disk they share.
+  order; ``--resume`` continues where the checkpoint stopped, on any number of processes.
+  On a CPU with the same number of processes the losses equal the uninterrupted run's bit
+  for bit; on GPUs (some CUDA kernels add in a varying order) and across process counts
+  they agree to rounding. Every process reads the checkpoint: on several machines,
+  ``--out`` must be a disk they share. ``best.safetensors`` keeps the weights with the
+  lowest val loss so far.
 
 The run writes, in ``--out``: ``config.json`` (the settings and what they imply),
 ``log.jsonl`` (one JSON object per line, see ``RunLog``) and ``ckpt.safetensors``.
@@ -60,7 +63,8 @@ from nblib.llama import Llama, LlamaConfig, generate
 from nblib.runmode import is_fast, pick_device, setup
 from nblib.train import TrainConfig, Trainer, lr_at, next_token_loss, resolve_dtype
 
-CHECKPOINT = "ckpt.safetensors"
+CHECKPOINT = "ckpt.safetensors"  # everything a resume needs, at the last checkpoint step
+BEST = "best.safetensors"        # the weights with the lowest val loss so far
 
 
 # ---------------------------------------------------------------------------- presets
@@ -279,16 +283,6 @@ def step_mfu(step_seconds: float, global_batch: int, seq_len: int, flops_per_tok
     return flops_per_token * global_batch * seq_len / step_seconds / (peak_per_device * devices)
 
 
-def average_gradients(model: torch.nn.Module) -> None:
-    """What DDP does in the backward pass, written out (lesson 14's exercise): every gradient
-    becomes its mean over the processes, one all-reduce (a sum in every process) each."""
-    world = dist.get_world_size()
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world
-
-
 def choose_batch_size(measured: dict[int, float], budget_bytes: float, global_batch: int) -> tuple[int, float, float]:
     """(B, fixed, per_row): the largest micro-batch B that divides ``global_batch`` and fits
     ``budget_bytes``, by a least-squares line ``bytes = fixed + per_row * B`` through the
@@ -327,6 +321,10 @@ class Speedometer:
     def restart(self) -> None:
         self.mark = time.perf_counter()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation, a checkpoint) out of the current interval."""
+        self.mark += seconds
+
     def read(self) -> float:
         profiling.synchronize(self.device)  # CUDA runs ahead of Python: wait before reading the clock
         seconds = time.perf_counter() - self.mark
@@ -361,12 +359,13 @@ class RunLog:
     - ``summary``: the run's totals (see ``summary``).
 
     A resumed run appends to the same file; a step logged before the interruption and
-    again after it has the same numbers (resume is exact).
+    again after it has the same numbers (to rounding on a GPU).
     """
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, append: bool = False):
         self.path = path
-        self.file = open(path, "a", encoding="utf-8") if path is not None else None
+        # a fresh run starts a fresh log; a resumed one goes on with its own
+        self.file = open(path, "a" if append else "w", encoding="utf-8") if path is not None else None
 
     def write(self, kind: str, **row) -> dict:
         row = {"kind": kind, **row}
@@ -569,7 +568,7 @@ class Run:
         if env.is_main:
             opts.out.mkdir(parents=True, exist_ok=True)
             (opts.out / "config.json").write_text(json.dumps(self.info(), indent=1))
-        self.log = RunLog(opts.out / "log.jsonl" if env.is_main else None)
+        self.log = RunLog(opts.out / "log.jsonl" if env.is_main else None, append=self.resumed)
 
     def resume(self) -> None:
         """Model, optimizer, step, RNG, history and GradScaler from the checkpoint (nblib.train
@@ -631,18 +630,24 @@ class Run:
 
     def evaluate(self) -> None:
         """Mean loss on fixed batches of both splits (rank 0), through the compiled model but not DDP."""
+        started = time.perf_counter()
         get_batch = eval_batches(self.windows, self.preset.batch_size, self.env.device)
         result = self.trainer.evaluate(get_batch, lambda _model, batch: next_token_loss(unwrap_ddp(self.runner), batch))
+        best = not self.evals or result["val"] < min(self.evals)
         self.evals.append(result["val"])
+        if best and self.trainer.steps_done > 0:
+            # the best model so far, weights only: a small corpus read many times overfits late in a run
+            checkpoint.save_checkpoint(self.opts.out / BEST, self.trainer.model, step=self.trainer.steps_done, rng=False)
         self.log.write("eval", step=self.trainer.steps_done, val_loss=result["val"], train_loss=result["train"],
-                       elapsed_s=self.elapsed())
-        self.speed.restart()  # evaluation time is not training time
+                       best=best, elapsed_s=self.elapsed())
+        self.speed.exclude(time.perf_counter() - started)  # evaluation time is not training time
 
     def save(self) -> None:
+        started = time.perf_counter()
         rows_done = self.trainer.steps_done * self.preset.global_batch  # the data position (rows of the order)
         self.trainer.save(self.ckpt, extra={"data_order": self.identity, "rows_done": rows_done})
         self.log.write("checkpoint", step=self.trainer.steps_done, path=str(self.ckpt))
-        self.speed.restart()
+        self.speed.exclude(time.perf_counter() - started)
 
     def finish(self) -> dict:
         """Rank 0: a sample from the final checkpoint and the summary row. Everyone: wait for it."""
@@ -730,7 +735,7 @@ def log_rows(log: list[dict], kind: str) -> list[dict]:
     return [r for r in log if r["kind"] == kind]
 
 
-def launch(args: list[str], processes: int = 1, echo: bool = True, timeout: float | None = None) -> None:
+def launch(args: list[str], processes: int = 1, echo: bool = True) -> None:
     """Run ``python -m nblib.pretrain ARGS`` as a new process (under ``torchrun`` with
     ``processes`` > 1), printing its output as it comes, as a terminal would. A failed run
     raises ``RuntimeError`` with the end of its output."""
@@ -744,11 +749,16 @@ def launch(args: list[str], processes: int = 1, echo: bool = True, timeout: floa
         env.setdefault("OMP_NUM_THREADS", "1")  # CPU processes share the cores: one thread each
     lines = []
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        for line in proc.stdout:
-            lines.append(line)
-            if echo:
-                print(line, end="", flush=True)
-        code = proc.wait(timeout=timeout)
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                if echo:
+                    print(line, end="", flush=True)
+        except KeyboardInterrupt:  # the notebook's stop button: stop the run too, not only the reading
+            proc.terminate()
+            proc.wait()
+            raise
+        code = proc.wait()
     if code != 0:
         tail = "".join(lines[-40:])
         raise RuntimeError(f"the run failed (exit status {code}): {' '.join(command)}\n--- its last lines ---\n{tail}")

@@ -81,7 +81,7 @@ def test_presets_are_the_runs_they_claim():
 
 def test_tiny_run_writes_its_log_config_checkpoint_and_sample(straight):
     out, log = straight
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.safetensors", "config.json", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "ckpt.safetensors", "config.json", "log.jsonl"]
     assert [r["step"] for r in rows(log, "train")] == list(range(1, 9))
     assert [r["step"] for r in rows(log, "eval")] == [0, 4, 8]
     first, last = rows(log, "eval")[0], rows(log, "eval")[-1]
@@ -171,7 +171,7 @@ def test_two_processes_under_torchrun_match_one(char_data, tmp_path):
     assert one["rows"] == [list(range(8))] and one["window_starts"][0] == debug["window_starts"][0]
     # only rank 0 wrote: one row per step, one start, the three files, each line printed once
     assert len(rows(log, "train")) == 6 and len(rows(log, "start")) == 1 and len(rows(log, "summary")) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.safetensors", "config.json", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "ckpt.safetensors", "config.json", "log.jsonl"]
     assert proc.stdout.count("step      1 | loss") == 1 and proc.stdout.count("summary:") == 1
 
 
