@@ -17,6 +17,7 @@ The real GPT-2 encoding (tiktoken's, built offline) is ``nblib.tokenizers.gpt2_t
 """
 from __future__ import annotations
 
+import heapq
 import json
 from collections import Counter
 
@@ -188,14 +189,131 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- training
 
+def _pairs_in_order(words: list[list[int]], weights: list[int]) -> dict[Pair, int]:
+    """Weighted pair counts over all words, in the order the pairs first occur (the tie-break order)."""
+    stats: dict[Pair, int] = {}
+    for ids, w in zip(words, weights):
+        get_stats(ids, stats, w)
+    return stats
+
+
+def learn_merges_naive(words: list[list[int]], weights: list[int], n_merges: int,
+                       show_progress: bool = False) -> list[tuple[Pair, int]]:
+    """The textbook loop: recount every pair of every word, merge the most frequent one, repeat.
+
+    ``words`` are the distinct chunks as token ids (bytes at first), ``weights`` how often each
+    occurs. Returns ``[(pair, count), ...]`` in the order learned; the pair of step k gets id
+    ``256 + k``. Ties between equally frequent pairs go to the pair that occurs first (scanning
+    the words in order, each left to right). Stops early when no pair is left.
+    """
+    words = [list(ids) for ids in words]
+    learned: list[tuple[Pair, int]] = []
+    steps = range(256, 256 + n_merges)
+    for new_id in (progress(steps, desc="BPE merges (naive)") if show_progress else steps):
+        stats = _pairs_in_order(words, weights)
+        if not stats:
+            break
+        pair = max(stats, key=stats.get)  # max keeps the first of equal counts: the first pair seen
+        words = [merge(ids, pair, new_id) if len(ids) > 1 else ids for ids in words]
+        learned.append((pair, stats[pair]))
+    return learned
+
+
+def learn_merges_incremental(words: list[list[int]], weights: list[int], n_merges: int,
+                             show_progress: bool = False) -> list[tuple[Pair, int]]:
+    """The same merges as ``learn_merges_naive``, recounting only the words a merge changes.
+
+    Keeps, for every pair, its weighted count and the set of words it occurs in. Merging
+    (a, b) into c can only change the pairs of the words that contain (a, b): each of those
+    is merged, its old pairs are subtracted and its new pairs added. A heap of
+    (-count, pair) finds the most frequent pair (entries whose count is out of date are
+    skipped); among equally frequent pairs the one occurring first wins, exactly as in the
+    naive loop, whose dict of counts is in order of first occurrence.
+    """
+    words = [list(ids) for ids in words]
+    stats: dict[Pair, int] = {}
+    where: dict[Pair, set[int]] = {}
+    for w, ids in enumerate(words):
+        for pair in zip(ids, ids[1:]):
+            stats[pair] = stats.get(pair, 0) + weights[w]
+            where.setdefault(pair, set()).add(w)
+    heap = [(-count, pair) for pair, count in stats.items()]
+    heapq.heapify(heap)
+
+    def first_occurrence(pair: Pair) -> tuple[int, int]:
+        w = min(where[pair])
+        ids = words[w]
+        return w, next(i for i in range(len(ids) - 1) if ids[i] == pair[0] and ids[i + 1] == pair[1])
+
+    learned: list[tuple[Pair, int]] = []
+    steps = range(256, 256 + n_merges)
+    for new_id in (progress(steps, desc="BPE merges (incremental)") if show_progress else steps):
+        # The most frequent pair, and every other pair just as frequent (for the tie-break).
+        tied: list[Pair] = []
+        seen: set[Pair] = set()
+        top = None
+        while heap:
+            neg, pair = heap[0]
+            if stats.get(pair) != -neg:  # out of date: its count changed after this entry was pushed
+                heapq.heappop(heap)
+                continue
+            if top is not None and -neg != top:
+                break
+            top = -neg
+            heapq.heappop(heap)
+            if pair not in seen:
+                seen.add(pair)
+                tied.append(pair)
+        if not tied:
+            break
+        pair = min(tied, key=first_occurrence) if len(tied) > 1 else tied[0]
+        for other in tied:
+            if other != pair:
+                heapq.heappush(heap, (-top, other))
+        learned.append((pair, top))
+
+        # Merge it in the words that hold it, and update the counts of just those words' pairs.
+        for w in list(where[pair]):
+            old = words[w]
+            new = merge(old, pair, new_id)
+            words[w] = new
+            weight = weights[w]
+            delta: dict[Pair, int] = {}
+            for p in zip(old, old[1:]):
+                delta[p] = delta.get(p, 0) - weight
+            for p in zip(new, new[1:]):
+                delta[p] = delta.get(p, 0) + weight
+            for p, d in delta.items():
+                if d:
+                    count = stats.get(p, 0) + d
+                    if count:
+                        stats[p] = count
+                        heapq.heappush(heap, (-count, p))
+                    else:
+                        del stats[p]
+            old_pairs, new_pairs = set(zip(old, old[1:])), set(zip(new, new[1:]))
+            for p in old_pairs - new_pairs:
+                where[p].discard(w)
+                if not where[p]:
+                    del where[p]
+            for p in new_pairs - old_pairs:
+                where.setdefault(p, set()).add(w)
+    return learned
+
+
+TRAINERS = {"incremental": learn_merges_incremental, "naive": learn_merges_naive}
+
+
 def train(text: str, vocab_size: int, pattern: str | None = GPT2_SPLIT_PATTERN,
           special_tokens: dict[str, int] | list[str] | None = None, verbose: bool = False,
-          show_progress: bool = False) -> Tokenizer:
+          show_progress: bool = False, method: str = "incremental") -> Tokenizer:
     """Learn ``vocab_size - 256`` merges from ``text``.
 
     Merges never cross a pre-split chunk, so training only needs each *distinct* chunk and
-    how often it occurs: Shakespeare's 1.1M characters are ~15k distinct chunks, and
-    recounting pairs over those is cheap enough for pure Python.
+    how often it occurs: Shakespeare's 1.1M characters are ~15k distinct chunks.
+    ``method="naive"`` recounts every pair after each merge (``learn_merges_naive``);
+    ``"incremental"`` (the default) updates only the counts a merge changes
+    (``learn_merges_incremental``); both learn exactly the same merges.
     Ties between equally frequent pairs go to the pair seen first, so training is
     deterministic. Special tokens (a list of strings, or a dict with their ids) get ids
     after the merges and are never learned from text.
@@ -204,26 +322,22 @@ def train(text: str, vocab_size: int, pattern: str | None = GPT2_SPLIT_PATTERN,
         raise ValueError(f"vocab_size must be at least 256 (one token per byte), got {vocab_size}")
     if not isinstance(text, str) or not text:
         raise ValueError("train needs a non-empty str")
+    if method not in TRAINERS:
+        raise ValueError(f"method must be one of {sorted(TRAINERS)}, got {method!r}")
     chunk_counts = Counter(regex.findall(pattern, text) if pattern else [text])
     words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
     weights = list(chunk_counts.values())
 
+    learned = TRAINERS[method](words, weights, vocab_size - 256, show_progress=show_progress)
     merges: dict[Pair, int] = {}
     vocab = {i: bytes([i]) for i in range(256)}
-    steps = range(256, vocab_size)
-    for new_id in (progress(steps, desc="BPE merges") if show_progress else steps):
-        stats: dict[Pair, int] = {}
-        for ids, w in zip(words, weights):
-            get_stats(ids, stats, w)
-        if not stats:
-            print(f"stopped at {new_id} tokens: every chunk is already a single token")
-            break
-        pair = max(stats, key=stats.get)  # first of the most frequent pairs
-        words = [merge(ids, pair, new_id) if len(ids) > 1 else ids for ids in words]
+    for new_id, (pair, count) in enumerate(learned, start=256):
         merges[pair] = new_id
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
         if verbose:
-            print(f"merge {new_id - 255}: {pair} -> {new_id} {vocab[new_id]!r} ({stats[pair]} times)")
+            print(f"merge {new_id - 255}: {pair} -> {new_id} {vocab[new_id]!r} ({count} times)")
+    if len(learned) < vocab_size - 256:
+        print(f"stopped at {256 + len(learned)} tokens: every chunk is already a single token")
 
     if isinstance(special_tokens, (list, tuple)):
         special_tokens = {s: len(vocab) + k for k, s in enumerate(special_tokens)}

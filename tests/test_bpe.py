@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,6 +58,29 @@ def test_train_by_hand():
     assert tok.merges == {(a, a): 256, (256, a): 257, (257, b): 258}
     assert tok.vocab[258] == b"aaab"
     assert tok.encode("aaabdaaabac") == [258, ord("d"), 258, a, ord("c")]
+
+
+@pytest.mark.parametrize("pattern", [None, bpe.GPT2_SPLIT_PATTERN])
+def test_incremental_equals_naive_on_shakespeare(pattern):
+    text = data.read_text("tinyshakespeare")[:20_000]
+    naive = bpe.train(text, 256 + 120, pattern=pattern, method="naive")
+    fast = bpe.train(text, 256 + 120, pattern=pattern, method="incremental")
+    assert fast.merges == naive.merges and fast.vocab == naive.vocab
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet="ab \né🙂", min_size=1, max_size=120), st.integers(256, 340), st.booleans())
+def test_incremental_equals_naive_on_any_text(s, vocab_size, split):
+    # Tiny alphabets make many ties: the tie-break (first occurrence) must match too, and both stop together.
+    words = [list(w.encode()) for w in (regex.findall(bpe.GPT2_SPLIT_PATTERN, s) if split else [s])]
+    weights = [1 + (i * 7) % 3 for i in range(len(words))]  # uneven weights, as distinct chunks have
+    assert (bpe.learn_merges_incremental(words, weights, vocab_size - 256)
+            == bpe.learn_merges_naive(words, weights, vocab_size - 256))
+
+
+def test_train_method_names():
+    with pytest.raises(ValueError, match="method"):
+        bpe.train("hello", 260, method="fast")
 
 
 def test_pre_split_keeps_merges_inside_chunks():
@@ -203,6 +227,43 @@ def test_checks_accept_reference():
             ids = bpe.merge(ids, pair, merges[pair])
         return ids
     tok_checks.check_encode(encode_chunk)
+    tok_checks.check_train(_reference_train_merges)
+
+
+def _reference_train_merges(ids, vocab_size):
+    learned = bpe.learn_merges_naive([list(ids)], [1], vocab_size - 256)
+    return {pair: 256 + k for k, (pair, _) in enumerate(learned)}
+
+
+def test_check_train_catches_bugs():
+    def most_common_last(ids, vocab_size):  # ties go to the last pair seen
+        ids, merges = list(ids), {}
+        for new_id in range(256, vocab_size):
+            stats = bpe.get_stats(ids)
+            if not stats:
+                break
+            best = max(stats.values())
+            pair = [p for p, n in stats.items() if n == best][-1]
+            ids, merges[pair] = bpe.merge(ids, pair, new_id), new_id
+        return merges
+
+    def never_stops(ids, vocab_size):  # merges a made-up pair when nothing is left
+        merges = _reference_train_merges(ids, vocab_size)
+        for new_id in range(256 + len(merges), vocab_size):
+            merges[(0, 0, new_id)] = new_id
+        return merges
+
+    def in_place(ids, vocab_size):
+        merges = _reference_train_merges(ids, vocab_size)
+        ids.clear()
+        return merges
+
+    def off_by_one(ids, vocab_size):  # one merge too many: new ids up to vocab_size
+        return _reference_train_merges(ids, vocab_size + 1)
+
+    for fn in [most_common_last, never_stops, in_place, off_by_one]:
+        with pytest.raises(checks.CheckFailed):
+            tok_checks.check_train(fn)
 
 
 def test_checks_catch_bugs():

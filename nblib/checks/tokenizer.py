@@ -1,7 +1,9 @@
 """Checks for lesson 04 (tokenizer): the learner's BPE pieces against ``nblib.bpe`` and hand values."""
 from __future__ import annotations
 
-from nblib import bpe
+import regex
+
+from nblib import bpe, data
 from nblib.checks import CheckFailed, call_learner, expect_equal, passed
 
 
@@ -54,6 +56,52 @@ def check_merge(merge) -> None:
     passed("merge")
 
 
+def _first_difference(got: dict, expected: dict) -> str:
+    """Where two merge tables part ways, in the order learned (new id 256, 257, ...)."""
+    by_id_got = {i: p for p, i in got.items()}
+    by_id_exp = {i: p for p, i in expected.items()}
+    for i in sorted(set(by_id_got) | set(by_id_exp)):
+        if by_id_got.get(i) != by_id_exp.get(i):
+            return (f"the first difference is new id {i}: expected pair {by_id_exp.get(i, '(no merge, training stops)')}, "
+                    f"got {by_id_got.get(i, '(no merge)')}")
+    return "they differ"
+
+
+def check_train(train_merges) -> None:
+    """``train_merges(ids, vocab_size) -> {(a, b): new_id}``: the BPE loop on one sequence, ties to the first pair."""
+    a, b, c, d = (ord(ch) for ch in "abcd")
+    cases = [
+        (list(b"aaabdaaabac"), 259, {(a, a): 256, (256, a): 257, (257, b): 258}),
+        ([1, 2, 3, 1, 2, 3], 260, {(1, 2): 256, (256, 3): 257, (257, 257): 258}),  # (1, 2) ties (2, 3): first wins; stops at 259
+        ([7, 7, 7, 7], 300, {(7, 7): 256, (256, 256): 257}),  # then a single token: nothing left to merge
+        ([a, b, c], 256, {}),  # vocab_size 256: no merges at all
+        ([5], 260, {}),
+    ]
+    for ids, vocab_size, expected in cases:
+        what = f"train_merges({ids}, {vocab_size})"
+        arg = list(ids)
+        got = _call(what, train_merges, arg, vocab_size)
+        if not isinstance(got, dict):
+            raise CheckFailed(f"{what} should return a dict {{(left, right): new_id}}, got {type(got).__name__}")
+        if arg != ids:
+            raise CheckFailed(f"{what} changed the list it was given to {arg}; work on a copy")
+        if dict(got) != expected:
+            hint = ""
+            if ids == [1, 2, 3, 1, 2, 3] and got.get((2, 3)) == 256:
+                hint = ". (1, 2) and (2, 3) both occur twice: a tie goes to the pair that occurs first"
+            elif len(got) > len(expected):
+                hint = ". Stop when no adjacent pair is left (a single token has no pairs)"
+            raise CheckFailed(f"{what}: expected {expected}, got {dict(got)}{hint}")
+    # Text the course's trainer also learns from: a stretch of Shakespeare's held-out part, no pre-split.
+    passage = data.read_text("tinyshakespeare")[-2500:]
+    expected = bpe.train(passage, 256 + 30, pattern=None).merges
+    what = "train_merges(2,500 characters of held-out Shakespeare as UTF-8 bytes, 286)"
+    got = _call(what, train_merges, list(passage.encode("utf-8")), 256 + 30)
+    if dict(got) != expected:
+        raise CheckFailed(f"{what}: your 30 merges differ from the course's: {_first_difference(dict(got), expected)}")
+    passed("train_merges")
+
+
 def _toy_tokenizer() -> bpe.Tokenizer:
     text = "the cat sat on the mat. the hat? that cat! aaaa bbbb " * 3
     return bpe.train(text, 256 + 20)
@@ -66,6 +114,15 @@ def check_encode(encode_chunk) -> None:
         what = f"encode_chunk({chunk.encode()!r}, merges)"
         got = _call(what, encode_chunk, chunk.encode("utf-8"), dict(tok.merges))
         expected = tok.encode_chunk(chunk)
+        if list(got) != expected:
+            raise CheckFailed(f"{what}: expected {expected}, got {list(got)}")
+    # A tokenizer trained on the start of Shakespeare, encoding chunks of its held-out end.
+    text = data.read_text("tinyshakespeare")
+    shakes = bpe.train(text[:30_000], 256 + 80)
+    for chunk in dict.fromkeys(regex.findall(bpe.GPT2_SPLIT_PATTERN, text[-1500:])):
+        what = f"encode_chunk({chunk.encode()!r}, merges of a BPE trained on Shakespeare)"
+        got = _call(what, encode_chunk, chunk.encode("utf-8"), dict(shakes.merges))
+        expected = shakes.encode_chunk(chunk)
         if list(got) != expected:
             raise CheckFailed(f"{what}: expected {expected}, got {list(got)}")
     # Rank order, not frequency: (2, 3) was learned first, so it wins over the (1, 2) in front of it.
