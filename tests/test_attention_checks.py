@@ -222,3 +222,145 @@ def test_layer_norm_reference_agrees_with_torch():
 def test_layer_norm_rejects_wrong(fn, message):
     with pytest.raises(CheckFailed, match=message):
         checks.check_layer_norm(fn)
+
+
+# ---- one head as a module, and the multi-head block (the exercises in the story) -----
+import torch.nn as nn  # noqa: E402
+
+
+def make_head(attend):
+    """A Head class (the lesson's constructor) whose forward runs ``attend(q, k, v, tril)``."""
+    class Head(nn.Module):
+        def __init__(self, n_embd, head_size, block_size):
+            super().__init__()
+            self.key = nn.Linear(n_embd, head_size, bias=False)
+            self.query = nn.Linear(n_embd, head_size, bias=False)
+            self.value = nn.Linear(n_embd, head_size, bias=False)
+            self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size, dtype=torch.bool)))
+
+        def forward(self, x):
+            T = x.shape[1]
+            return attend(self.query(x), self.key(x), self.value(x), self.tril[:T, :T])
+    Head.__module__ = "__main__"
+    return Head
+
+
+def head_right(q, k, v, tril):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])
+    return scores.masked_fill(~tril, float("-inf")).softmax(-1) @ v
+
+
+def head_loop(q, k, v, tril):
+    return attention_with_a_loop(q, k, v)
+
+
+@pytest.mark.parametrize("attend", [head_right, head_loop])
+def test_head_accepts_correct(attend, capsys):
+    rng_before = torch.get_rng_state()
+    checks.check_head(make_head(attend))
+    assert "passed" in capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), rng_before), "the check must leave the global random stream as it was"
+
+
+def head_scaled_by(scale):
+    def attend(q, k, v, tril):
+        scores = (q @ k.transpose(-2, -1)) * scale(q)
+        return scores.masked_fill(~tril, float("-inf")).softmax(-1) @ v
+    return attend
+
+
+@pytest.mark.parametrize("attend, message", [
+    (lambda q, k, v, tril: (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).softmax(-1) @ v, "future token"),
+    (head_scaled_by(lambda q: 1.0), "not scaled"),
+    (head_scaled_by(lambda q: 1 / q.shape[-1]), "divided by head_size"),
+    (lambda q, k, v, tril: head_right(q, k, v, torch.ones_like(tril).tril(-1)), "mask must keep the diagonal"),
+    (lambda q, k, v, tril: (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).masked_fill(~tril, 0.0).softmax(-1) @ v,
+     "future token"),
+    (lambda q, k, v, tril: head_right(q, k, v, tril)[:, :1], "expected shape"),
+    (lambda q, k, v, tril: torch.nan_to_num(
+        (q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])).masked_fill(~tril, float("-inf")).softmax(-2)) @ v,
+     "hand example"),
+])
+def test_head_rejects_wrong(attend, message):
+    with pytest.raises(CheckFailed, match=message):
+        checks.check_head(make_head(attend))
+
+
+def test_head_scaled_by_sqrt_n_embd_is_named():
+    """The scale read from the input's width (a global n_embd) instead of the head's."""
+    class Head(make_head(head_right)):
+        def forward(self, x):
+            T = x.shape[1]
+            scores = self.query(x) @ self.key(x).transpose(-2, -1) / math.sqrt(x.shape[-1])
+            return scores.masked_fill(~self.tril[:T, :T], float("-inf")).softmax(-1) @ self.value(x)
+    with pytest.raises(CheckFailed, match="sqrt\\(n_embd\\)|not scaled|hand example"):
+        checks.check_head(Head)
+
+
+def test_head_not_implemented_passes_through():
+    def stub(q, k, v, tril):
+        raise NotImplementedError("write it")
+    with pytest.raises(NotImplementedError):
+        checks.check_head(make_head(stub))
+
+
+def make_attention(split, merge, project=True, use_attend=True):
+    class CausalSelfAttention(nn.Module):
+        def __init__(self, n_embd, n_head, block_size, dropout=0.0):
+            super().__init__()
+            self.n_head = n_head
+            self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+            self.proj = nn.Linear(n_embd, n_embd)
+            self.keep_attention, self.attention = False, None
+
+        def attend(self, q, k, v):
+            if self.keep_attention:
+                T = q.shape[-2]
+                w = head_right(q, k, torch.eye(T).expand(*q.shape[:-1], T), torch.ones(T, T, dtype=torch.bool).tril())
+                self.attention = w
+                return w @ v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = self.qkv(x).split(C, dim=-1)
+            q, k, v = (split(t, self.n_head) for t in (q, k, v))
+            y = self.attend(q, k, v) if use_attend else F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = merge(y)
+            return self.proj(y) if project else y
+    CausalSelfAttention.__module__ = "__main__"
+    return CausalSelfAttention
+
+
+def test_multi_head_accepts_correct(capsys):
+    rng_before = torch.get_rng_state()
+    checks.check_multi_head(make_attention(split_heads, merge_heads))
+    assert "passed" in capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_reference_modules_pass_their_own_checks_through_a_subclass():
+    """The references used by yours_or_ours compute what the checks expect."""
+    class Head(checks.ReferenceHead):
+        pass
+
+    class CausalSelfAttention(checks.ReferenceCausalSelfAttention):
+        pass
+    Head.__module__ = CausalSelfAttention.__module__ = "__main__"
+    checks.check_head(Head)
+    checks.check_multi_head(CausalSelfAttention)
+
+
+@pytest.mark.parametrize("split, merge, kwargs, message", [
+    (split_heads, merge_heads, dict(project=False), "output projection is missing"),
+    (split_by_view_only, merge_heads, {}, "split with a plain view"),
+    (split_heads, merge_by_view_only, {}, "merged with a plain view"),
+    (split_by_view_only, merge_by_view_only, {}, "split and merged with plain views"),
+    (lambda x, n: x[:, None], lambda y: y[:, 0], {}, "one head of width 12 instead of 3 heads"),
+    (split_interleaved, merge_interleaved, {}, "vs nblib.gpt.CausalSelfAttention"),
+    (split_heads, merge_heads, dict(use_attend=False), "attend with y = self.attend"),
+    (split_heads, lambda y: y.sum(1), {}, "raised RuntimeError"),  # "merging" by summing the heads
+])
+def test_multi_head_rejects_wrong(split, merge, kwargs, message):
+    with pytest.raises(CheckFailed, match=message):
+        checks.check_multi_head(make_attention(split, merge, **kwargs))

@@ -4,12 +4,20 @@ Each check runs the learner's function on small random tensors and on a case sma
 enough to work out by hand, and compares with a reference: PyTorch's own
 ``torch.nn.functional.scaled_dot_product_attention`` or ``layer_norm``, or the hand
 values. Tolerances, never exact float equality.
+
+The lesson's exercises in the story are modules: ``check_head`` (one head, ``Head.forward``)
+and ``check_multi_head`` (``CausalSelfAttention.forward``: split, attend, merge, project,
+compared with ``nblib.gpt.CausalSelfAttention`` given the same weights). ``ReferenceHead`` and
+``ReferenceCausalSelfAttention`` have the lesson's constructors and parameter names; the
+notebook uses them through ``yours_or_ours`` until the learner's pass. ``check_causal_attention``
+and ``check_split_merge_heads`` check the same ideas as plain functions.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from nblib.checks import CheckFailed, call_learner, expect_close, passed
@@ -159,3 +167,240 @@ def check_layer_norm(layer_norm) -> None:
 
 
 __all__ = ["check_causal_attention", "check_split_merge_heads", "check_layer_norm"]
+
+
+# ---- lesson 05's exercises in the story: one head (a module), then all heads at once ----
+class ReferenceHead(nn.Module):
+    """One causal head, as the course computes it: PyTorch's fused attention on the head's
+    own projections. Same constructor and parameter names as the lesson's ``Head``."""
+
+    def __init__(self, n_embd, head_size, block_size):
+        super().__init__()
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size, dtype=torch.bool)))
+
+    def forward(self, x):
+        return F.scaled_dot_product_attention(self.query(x), self.key(x), self.value(x), is_causal=True)
+
+
+class ReferenceCausalSelfAttention(nn.Module):
+    """All heads at once, as the course computes them; the lesson's ``CausalSelfAttention``
+    (constructor, parameter names, ``keep_attention``) with nblib's forward."""
+
+    def __init__(self, n_embd, n_head, block_size, dropout=0.0):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.keep_attention, self.attention = False, None
+
+    def attend(self, q, k, v):
+        if self.keep_attention:
+            T = q.shape[-2]
+            future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+            att = (q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5).masked_fill(future, float("-inf")).softmax(-1)
+            self.attention = att.detach()
+            return self.attn_dropout(att) @ v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+    def forward(self, x):
+        return self.resid_dropout(_multi_head(x, self.qkv.weight, self.proj, self.n_head, attend=self.attend))
+
+
+def _multi_head(x, qkv_weight, proj, n_head, split="right", merge="right", project=True,
+                attend=lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)):
+    """Multi-head causal attention with the learner's weights, right or with a named slip."""
+    B, T, C = x.shape
+    hs = C // n_head
+    q, k, v = (x @ qkv_weight.T).split(C, dim=-1)
+    if split == "right":
+        q, k, v = (t.reshape(B, T, n_head, hs).transpose(1, 2) for t in (q, k, v))
+    elif split == "plain view":
+        q, k, v = (t.reshape(B, n_head, T, hs) for t in (q, k, v))
+    elif split == "one head":
+        q, k, v = (t[:, None] for t in (q, k, v))
+    y = attend(q, k, v)
+    y = y.transpose(1, 2).reshape(B, T, C) if merge == "right" or split == "one head" else y.reshape(B, T, C)
+    return proj(y) if project else y
+
+
+def _new_module(what, cls, *args):
+    module = call_learner(what, cls, *args)
+    if not isinstance(module, nn.Module):
+        raise CheckFailed(f"{what}: expected an nn.Module, got {type(module).__name__}")
+    return module
+
+
+def _selector_head(Head, q, k, v):
+    """A learner's ``Head`` whose projections pick q, k, v out of x = cat(q, k, v), and that x."""
+    hs = q.shape[-1]
+    head = _new_module(f"Head(n_embd={3 * hs}, head_size={hs}, block_size=8)", Head, 3 * hs, hs, 8)
+    eye, zero = torch.eye(hs), torch.zeros(hs, hs)
+    with torch.no_grad():
+        for i, name in enumerate(("query", "key", "value")):
+            getattr(head, name).weight.copy_(torch.cat([eye if j == i else zero for j in range(3)], dim=1))
+    return head, torch.cat([q, k, v], dim=-1)
+
+
+def _scale_slips(what, got, q, k, v, n_embd, reference) -> None:
+    """Name a wrong scale of the scores, if ``got`` is what that scale gives."""
+    hs = q.shape[-1]
+    for scale, slip in ((1.0, "not scaled: divide q @ k^T by sqrt(head_size), the last size of k"),
+                        (1 / hs, "divided by head_size; divide by its square root"),
+                        (1 / n_embd, "divided by n_embd; divide by sqrt(head_size), the last size of k"),
+                        (1 / math.sqrt(n_embd), "divided by sqrt(n_embd) (the width of x); divide by "
+                                                "sqrt(head_size), the last size of k")):
+        wrong = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        if torch.allclose(got, wrong, atol=1e-5) and not torch.allclose(got, reference, atol=1e-5):
+            raise CheckFailed(f"{what}: the scores are {slip} (got {got.flatten()[:4].tolist()}..., expected "
+                              f"{reference.flatten()[:4].tolist()}...).")
+
+
+def _check_head(Head) -> None:
+    """``Head(n_embd, head_size, block_size)``: ``forward(x)`` (B, T, n_embd) -> (B, T, head_size) is
+    ``softmax(q k^T / sqrt(head_size), future masked) v`` of the head's own projections."""
+    # 1. By hand: T=2, head_size=2, the projections set so that q, k, v are these (x = cat(q, k, v)).
+    # Position 0 sees only itself: v[0]. Position 1's scores are q1.k0 = 0 and q1.k1 = 2, over sqrt(2).
+    q = torch.tensor([[[1.0, 0.0], [2.0, 0.0]]])
+    k = torch.tensor([[[0.0, 0.0], [1.0, 0.0]]])
+    v = torch.tensor([[[10.0, 0.0], [0.0, 10.0]]])
+    head, x = _selector_head(Head, q, k, v)
+    head.eval()
+    w0 = 1 / (1 + math.exp(math.sqrt(2)))  # position 1's weight on v[0]: e^0 / (e^0 + e^(2/sqrt(2)))
+    expected = torch.tensor([[[10.0, 0.0], [10 * w0, 10 * (1 - w0)]]])
+    what = "Head on the hand example (T=2, head_size=2)"
+    got = call_learner(what, head, x)
+    _expect_tensor(what, got, (1, 2, 2))
+    got = got.detach()
+    if not got[0, 0].isfinite().all() or torch.allclose(got[0, 1], v[0, 0], atol=1e-4):
+        raise CheckFailed(f"{what}: the first position has nothing to attend to (its output is {got[0, 0].tolist()}) "
+                          "and position 1 ignores itself: the mask must keep the diagonal, position t sees "
+                          "positions 0..t (self.tril as it is, masking where it is False).")
+    if abs(float(got[0, 0, 1])) > 1e-4:
+        raise CheckFailed(f"{what}: position 0 attends to position 1, a future token (its output is "
+                          f"{got[0, 0].tolist()}, expected [10, 0]). Set the scores above the diagonal to -inf "
+                          "before the softmax.")
+    _scale_slips(what, got, q, k, v, n_embd=6, reference=expected)
+    expect_close(what, got, expected, atol=1e-5, rtol=1e-5)
+
+    # 2. Random weights, a batch, T below block_size: against F.scaled_dot_product_attention.
+    g = torch.Generator().manual_seed(5)
+    head = _new_module("Head(n_embd=16, head_size=4, block_size=12)", Head, 16, 4, 12)
+    head.eval()
+    with torch.no_grad():
+        for name in ("query", "key", "value"):
+            getattr(head, name).weight.copy_(torch.randn(4, 16, generator=g) * 0.5)
+    x = torch.randn(3, 7, 16, generator=g)
+    with torch.no_grad():
+        q, k, v = head.query(x), head.key(x), head.value(x)
+    what = "Head with n_embd=16, head_size=4 on x of shape (3, 7, 16)"
+    got = call_learner(what, head, x)
+    _expect_tensor(what, got, (3, 7, 4))
+    got = got.detach()
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    _scale_slips(what, got, q, k, v, n_embd=16, reference=reference)
+    if torch.allclose(got, F.scaled_dot_product_attention(q, k, v), atol=1e-5):
+        raise CheckFailed(f"{what}: every position attends to the whole window, future included: mask the "
+                          "scores above the diagonal with -inf before the softmax.")
+    expect_close(f"{what} vs F.scaled_dot_product_attention(q, k, v, is_causal=True)", got, reference,
+                 atol=1e-5, rtol=1e-4)
+
+    # 3. The full window (T = block_size), and scores large enough to overflow an unstable softmax.
+    with torch.no_grad():
+        for name in ("query", "key"):
+            getattr(head, name).weight.mul_(40)
+    x = torch.randn(2, 12, 16, generator=g)
+    with torch.no_grad():
+        reference = F.scaled_dot_product_attention(head.query(x), head.key(x), head.value(x), is_causal=True)
+    what = "Head on a full window (T = block_size = 12) with very large scores"
+    got = call_learner(what, head, x)
+    _expect_tensor(what, got, (2, 12, 4))
+    expect_close(f"{what} (is your softmax stable?)", got, reference, atol=1e-4, rtol=1e-4)
+    passed("Head: one head of causal self-attention (hand example, scale, mask, batches, full window)")
+
+
+def _check_multi_head(CausalSelfAttention) -> None:
+    """``CausalSelfAttention(n_embd, n_head, block_size)``: split q, k, v into heads, attend, merge the
+    heads back and project; the same function as ``nblib.gpt.CausalSelfAttention`` with its weights."""
+    from nblib.gpt import CausalSelfAttention as NblibAttention, GPTConfig
+
+    g = torch.Generator().manual_seed(11)
+    for n_embd, n_head, T in ((12, 3, 5), (12, 1, 8), (16, 4, 3)):
+        what = f"CausalSelfAttention(n_embd={n_embd}, n_head={n_head}, block_size=8)"
+        attn = _new_module(what, CausalSelfAttention, n_embd, n_head, 8)
+        attn.eval()
+        with torch.no_grad():  # random weights and biases, so that a missing projection shows
+            attn.qkv.weight.copy_(torch.randn(3 * n_embd, n_embd, generator=g) * 0.5)
+            attn.proj.weight.copy_(torch.randn(n_embd, n_embd, generator=g) * 0.3)
+            attn.proj.bias.copy_(torch.randn(n_embd, generator=g))
+        ours = NblibAttention(GPTConfig(vocab_size=1, block_size=8, n_layer=1, n_head=n_head, n_embd=n_embd)).eval()
+        with torch.no_grad():
+            ours.c_attn.weight.copy_(attn.qkv.weight)
+            ours.c_attn.bias.zero_()
+            ours.c_proj.load_state_dict(attn.proj.state_dict())
+        x = torch.randn(2, T, n_embd, generator=g)
+        got = call_learner(f"{what} on x of shape (2, {T}, {n_embd})", attn, x)
+        _expect_tensor(f"{what} on x of shape (2, {T}, {n_embd})", got, (2, T, n_embd))
+        with torch.no_grad():
+            reference = ours(x)
+            slips = [(dict(project=False), "the output projection is missing: return self.proj(y) (through "
+                                           "self.resid_dropout), y the merged heads")]
+            if n_head > 1:
+                slips += [
+                    (dict(split="plain view"), "the heads are split with a plain view of (B, T, C) as (B, n_head, "
+                                               "T, hs), which puts the channels of several tokens into one head's "
+                                               "row. View as (B, T, n_head, hs), then transpose(1, 2)"),
+                    (dict(merge="plain view"), "the heads are merged with a plain view of (B, n_head, T, hs) as "
+                                               "(B, T, C), which puts several tokens of one head into one row. "
+                                               "transpose(1, 2) back to (B, T, n_head, hs) first, then reshape"),
+                    (dict(split="plain view", merge="plain view"),
+                     "the heads are split and merged with plain views, without the transposes: split (B, T, C) -> "
+                     "(B, T, n_head, hs) -> transpose(1, 2), and merge the other way round"),
+                    (dict(split="one head"), f"it attends with one head of width {n_embd} instead of {n_head} "
+                                             f"heads of width {n_embd // n_head}: split q, k and v into heads"),
+                ]
+            for slip, message in slips:
+                wrong = _multi_head(x, attn.qkv.weight, attn.proj, n_head, **slip)
+                if torch.allclose(got, wrong, atol=1e-5) and not torch.allclose(got, reference, atol=1e-5):
+                    raise CheckFailed(f"{what}: {message}.")
+        expect_close(f"{what} vs nblib.gpt.CausalSelfAttention with the same weights", got, reference,
+                     atol=1e-5, rtol=1e-4)
+
+    # keep_attention: the weights are kept when forward goes through self.attend.
+    attn.keep_attention = True
+    what = f"{what} with keep_attention = True"
+    got = call_learner(what, attn, x)
+    expect_close(what, got, reference, atol=1e-5, rtol=1e-4)
+    kept = getattr(attn, "attention", None)
+    if not torch.is_tensor(kept) or tuple(kept.shape) != (2, n_head, T, T):
+        raise CheckFailed(f"{what}: expected the weights of shape (2, {n_head}, {T}, {T}) in self.attention, got "
+                          f"{tuple(kept.shape) if torch.is_tensor(kept) else kept!r}: attend with "
+                          "y = self.attend(q, k, v), which keeps them")
+    passed("CausalSelfAttention: split into heads, attend, merge, project (1, 3 and 4 heads, vs nblib.gpt's)")
+
+
+def check_head(Head) -> None:
+    """``Head(n_embd, head_size, block_size)``: ``forward(x)`` (B, T, n_embd) -> (B, T, head_size) is
+    ``softmax(q k^T / sqrt(head_size), future masked) v`` of the head's own projections.
+
+    The modules the check builds draw their initial weights from a forked random stream: the
+    notebook's own stream is the same after the check as before it."""
+    with torch.random.fork_rng(devices=[]):
+        _check_head(Head)
+
+
+def check_multi_head(CausalSelfAttention) -> None:
+    """``CausalSelfAttention(n_embd, n_head, block_size)``: split q, k, v into heads, attend, merge the
+    heads back and project; the same function as ``nblib.gpt.CausalSelfAttention`` with its weights.
+    (The notebook's random stream is left as it was, as in ``check_head``.)"""
+    with torch.random.fork_rng(devices=[]):
+        _check_multi_head(CausalSelfAttention)
+
+
+__all__ += ["ReferenceHead", "ReferenceCausalSelfAttention", "check_head", "check_multi_head"]
