@@ -180,7 +180,10 @@ def _rank_main(argv: list[str]) -> None:
 
     report = _run_rank(load, rank, world, learner_path)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    # Leave without destroy_process_group: with gloo on older torch (2.4) a rank can wait in it
+    # forever once the other rank has gone. The result is written; nothing else is left to do.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _source_of(fn) -> tuple[str, str]:
@@ -321,20 +324,21 @@ def _launch(cmd: list[str], cwd: Path, timeout: float) -> str:
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("TORCHELASTIC_")}
     env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     posix = os.name == "posix"
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=posix)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        if posix:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-        proc.communicate()
-        raise CheckFailed(f"average_gradients: the {WORLD} processes did not finish within {timeout:.0f} s: does "
+    log = cwd / "torchrun.log"  # a file, not a pipe: a process left behind cannot keep us waiting for its end
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=posix)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if posix:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.wait()
+            raise CheckFailed(f"average_gradients: the {WORLD} processes did not finish within {timeout:.0f} s: does "
                           "every process make the same all_reduce calls in the same order? (a process waiting in "
                           "all_reduce for one that never comes waits forever)") from None
-    return output
+    return log.read_text(errors="replace")
 
 
 def _stub_fast(average_gradients) -> None:
