@@ -67,3 +67,77 @@ def test_a_crash_or_nan_is_a_failed_check():
         check_softmax_backward(lambda p, dp: p * float("nan"))
     with pytest.raises(NotImplementedError):  # the student stub's error reaches the learner as is
         check_softmax_backward(lambda p, dp: (_ for _ in ()).throw(NotImplementedError("hint")))
+
+
+# Section 4's exercises: the MLP with BatchNorm, piece by piece.
+from nblib.checks import backprop as bp  # noqa: E402
+
+
+def _learner(fn):
+    # The checks refuse nblib's own functions; a lambda stands for the learner's.
+    return lambda *a: fn(*a)
+
+
+def test_section4_references_pass(capsys):
+    bp.check_backward_loss(_learner(bp.ours_backward_loss))
+    bp.check_backward_mlp((_learner(bp.ours_linear_backward), _learner(bp.ours_tanh_backward),
+                           _learner(bp.ours_embedding_backward)))
+    bp.check_backward_batchnorm(_learner(bp.ours_backward_batchnorm))
+    bp.check_batchnorm_compact(_learner(bp.ours_batchnorm_backward))
+    assert capsys.readouterr().out.count("passed") == 4
+
+
+def test_nblib_pieces_are_refused():
+    with pytest.raises(CheckFailed, match="course's own implementation"):
+        bp.check_backward_loss(bp.ours_backward_loss)
+
+
+def test_backward_loss_names_the_first_wrong_step():
+    def no_max_path(t, Yb):
+        d = bp.ours_backward_loss(t, Yb)
+        return {**d, "lse": d["lse"] * 2}
+    with pytest.raises(CheckFailed, match=r"^dlse \(batch 8, 7 classes\): off by"):
+        bp.check_backward_loss(no_max_path)
+    with pytest.raises(CheckFailed, match="no gradient for 'counts'"):
+        bp.check_backward_loss(lambda t, Yb: {k: v for k, v in bp.ours_backward_loss(t, Yb).items() if k != "counts"})
+    with pytest.raises(CheckFailed, match="should return a dict"):
+        bp.check_backward_loss(lambda t, Yb: bp.ours_backward_loss(t, Yb)["logits"])
+
+
+def test_layer_mistakes_are_named():
+    lin, tanh, emb = (_learner(f) for f in (bp.ours_linear_backward, bp.ours_tanh_backward, bp.ours_embedding_backward))
+    with pytest.raises(CheckFailed, match=r"^linear_backward: db .*expected shape"):
+        bp.check_backward_mlp((lambda d, x, W: (d @ W.T, x.T @ d, d.sum(0, keepdim=True)), tanh, emb))
+    with pytest.raises(CheckFailed, match=r"^tanh_backward: dpre .* off by"):
+        bp.check_backward_mlp((lin, lambda d, out: (1 - out) * d, emb))
+
+    def overwrite(demb, ix, v):  # dC[ix] = ... keeps only one of the repeated rows
+        dC = torch.zeros(v, demb.shape[-1], dtype=demb.dtype)
+        dC[ix.reshape(-1)] = demb.reshape(-1, demb.shape[-1])
+        return dC
+    with pytest.raises(CheckFailed, match=r"^embedding_backward: dC .* off by"):
+        bp.check_backward_mlp((lin, tanh, overwrite))
+
+
+def test_batchnorm_mistakes_are_named():
+    def biased(t, dhpreact, eps):  # the variance path with 1/n instead of 1/(n - 1)
+        d = bp.ours_backward_batchnorm(t, dhpreact, eps)
+        n = dhpreact.shape[0]
+        return {**d, "bndiff2": d["bndiff2"] * (n - 1) / n}
+    with pytest.raises(CheckFailed, match=r"^dbndiff2 .* off by"):
+        bp.check_backward_batchnorm(biased)
+
+    def no_mean_path(dhpreact, bnraw, bnvar_inv, bngain):
+        dx, dg, db = bp.ours_batchnorm_backward(dhpreact, bnraw, bnvar_inv, bngain)
+        return dx + bngain * bnvar_inv * dhpreact.sum(0) / dhpreact.shape[0], dg, db
+    with pytest.raises(CheckFailed, match=r"^batchnorm_backward: dhprebn .* off by"):
+        bp.check_batchnorm_compact(no_mean_path)
+    with pytest.raises(CheckFailed, match="should return 3 tensors"):
+        bp.check_batchnorm_compact(lambda *a: bp.ours_batchnorm_backward(*a)[0])
+
+
+def test_mlp_intermediates_match_the_lesson_forward():
+    t, grads, Yb, Xb = bp.mlp_intermediates(0, n=8, vocab=7)
+    loss = torch.nn.functional.cross_entropy(t["logits"], Yb)
+    assert abs(loss.item() + t["logprobs"][range(8), Yb].mean().item()) < 1e-12
+    torch.testing.assert_close(grads["logits"].sum(1), torch.zeros(8, dtype=torch.float64), rtol=0, atol=1e-12)
