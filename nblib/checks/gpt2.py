@@ -1,4 +1,5 @@
-"""Checks for lesson 06 (GPT-2): parameter count, learning-rate schedule, top-p filtering."""
+"""Checks for lesson 06 (GPT-2): the block and the forward (against Hugging Face), parameter count,
+learning-rate schedule, top-p filtering."""
 from __future__ import annotations
 
 import torch
@@ -104,3 +105,134 @@ def _check_top_p_large_vocab(top_p_filter) -> None:
                               f"tokens of the nucleus and kept {wrongly_kept} outside it (the nuclei of the two "
                               f"rows have {size} tokens)")
         expect_close(f"top_p_filter(p={p}) kept logits (50,257 tokens)", out[kept], logits[kept], atol=1e-6)
+
+
+# ---- the block and the model, against Hugging Face's GPT2LMHeadModel ------------------
+BLOCK_CONFIGS = [
+    GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32),
+    GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=1, n_embd=8),
+]
+
+
+def _hf_model(cfg: GPTConfig, seed: int):
+    """A ``transformers.GPT2LMHeadModel`` with random weights (nothing downloaded), in eval mode."""
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover (transformers is in the dev extra)
+        raise ImportError("this check compares with Hugging Face's GPT-2 and needs `transformers`") from err
+    from nblib.gpt import hf_config_dict
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(cfg))).eval()
+    with torch.no_grad():  # HF starts LayerNorms at 1 and biases at 0: make every weight count
+        for name, p in hf.named_parameters():
+            if name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                p.mul_(10.0)  # activations of order 1, where exact and tanh GELU differ by ~1e-4
+    return hf
+
+
+def _hf_block_state(hf) -> dict[str, torch.Tensor]:
+    """Block 0 of ``hf`` under nblib's names and layout (``nn.Linear``: [out, in])."""
+    out = {}
+    for key, value in hf.transformer.h[0].state_dict().items():
+        if key in ("attn.bias", "attn.masked_bias"):
+            continue  # older transformers keep the causal mask here: a buffer, not a weight
+        out[key] = value.t() if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else value
+    return out
+
+
+def _load_strict(what: str, module, state: dict[str, torch.Tensor]) -> None:
+    theirs = module.state_dict()
+    missing, unexpected = sorted(set(state) - set(theirs)), sorted(set(theirs) - set(state))
+    if missing or unexpected:
+        raise CheckFailed(f"{what}: parameter names differ from Hugging Face's: missing {missing}, "
+                          f"unexpected {unexpected}. Keep the __init__ you were given.")
+    for key, value in state.items():
+        if theirs[key].shape != value.shape:
+            raise CheckFailed(f"{what}: {key} has shape {tuple(theirs[key].shape)}, expected {tuple(value.shape)}")
+    module.load_state_dict(state, strict=True)
+
+
+def check_block(block_class) -> None:
+    """``block_class(config)``: a GPT-2 block whose ``forward(x [B, T, C]) -> [B, T, C]`` matches
+    nblib's (and so Hugging Face's) block 0 of a random ``GPT2LMHeadModel``."""
+    from nblib.gpt import Block
+
+    for i, cfg in enumerate(BLOCK_CONFIGS):
+        hf = _hf_model(cfg, seed=10 + i)
+        state = _hf_block_state(hf)
+        ours = Block(cfg).eval()
+        ours.load_state_dict(state)
+        block = call_learner(f"{getattr(block_class, '__name__', 'block_class')}({cfg})", block_class, cfg)
+        _load_strict(f"{block_class.__name__}({cfg})", block, state)
+        block.eval()
+        x = torch.randn(2, 7, cfg.n_embd, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            want = ours(x)
+            got = call_learner(f"block.forward(x {tuple(x.shape)})", block, x.clone())
+        if not torch.is_tensor(got) or got.shape != x.shape:
+            raise CheckFailed(f"block(x) with x of shape {tuple(x.shape)} should return a tensor of the same shape, "
+                              f"got {tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}")
+        with torch.no_grad():
+            no_residual = want - x
+            if (got - no_residual).abs().max() < 1e-4:
+                raise CheckFailed("block(x) returned only the two branches' sum: add them to x (the residual stream)")
+        expect_close(f"block(x) with n_head={cfg.n_head}, n_embd={cfg.n_embd} (against GPT-2's block)",
+                     got, want, atol=1e-5, rtol=1e-4)
+    passed("GPT-2 block (pre-LayerNorm, causal attention, tanh-GELU MLP, two residual adds)")
+
+
+def check_gpt2_forward(model_class) -> None:
+    """``model_class(config)``: GPT-2 whose ``forward(idx, targets=None) -> (logits, loss)`` gives
+    Hugging Face's ``GPT2LMHeadModel`` logits (to 1e-5) once its weights are copied in.
+
+    The model is run with nblib's ``Block`` in place of the learner's (``block_class``), so
+    this checks the forward alone; ``check_block`` checks the block.
+    """
+    from nblib.gpt import Block, lm_loss, load_hf_state_dict
+
+    cfg = GPTConfig(vocab_size=60, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    if not isinstance(model_class, type):  # a function that builds the model: run it as it is
+        call_learner(f"{getattr(model_class, '__name__', 'model')}({cfg})", model_class, cfg)
+        raise CheckFailed(f"check_gpt2_forward expects your model class (GPT2), got {model_class!r}")
+
+    class WithCourseBlocks(model_class):
+        block_class = Block
+
+    WithCourseBlocks.__module__ = model_class.__module__  # the learner's class still (call_learner refuses nblib's)
+    hf = _hf_model(cfg, seed=3)
+    model = call_learner(f"{model_class.__name__}({cfg})", WithCourseBlocks, cfg)
+    if getattr(model, "lm_head", None) is None or model.lm_head.weight is not model.transformer.wte.weight:
+        raise CheckFailed("lm_head.weight must be transformer.wte.weight itself (weight tying); keep the given __init__")
+    try:
+        load_hf_state_dict(model, hf.state_dict())
+    except (KeyError, ValueError) as err:
+        raise CheckFailed(f"{model_class.__name__}: Hugging Face's weights do not load: {err}. "
+                          "Keep the __init__ you were given.") from err
+    model.eval()
+    gen = torch.Generator().manual_seed(5)
+    for T in (cfg.block_size, 5):
+        idx = torch.randint(0, cfg.vocab_size, (3, T), generator=gen)
+        with torch.no_grad():
+            out = call_learner(f"model(idx {tuple(idx.shape)})", model, idx)
+            want = hf(idx).logits
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise CheckFailed(f"model(idx) should return (logits, loss), got {type(out).__name__}")
+        logits, loss = out
+        if loss is not None:
+            raise CheckFailed(f"model(idx) without targets should return loss None, got {loss!r}")
+        if not torch.is_tensor(logits) or logits.shape != want.shape:
+            raise CheckFailed(f"logits for idx of shape {tuple(idx.shape)}: expected shape {tuple(want.shape)}, "
+                              f"got {tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__}")
+        expect_close(f"logits for idx {tuple(idx.shape)} (against Hugging Face's GPT2LMHeadModel)",
+                     logits, want, atol=1e-5, rtol=1e-4)
+    targets = torch.randint(0, cfg.vocab_size, idx.shape, generator=gen)
+    with torch.no_grad():
+        _, loss = call_learner("model(idx, targets)", model, idx, targets)
+    if loss is None:
+        raise CheckFailed("model(idx, targets) returned loss None: compute the loss when targets are given")
+    expect_close("loss of model(idx, targets)", loss, lm_loss(want, targets), atol=1e-5, rtol=1e-4)
+    passed("GPT-2 forward (embeddings, blocks, ln_f, tied lm_head) == Hugging Face's logits")
