@@ -280,7 +280,7 @@ def step_mfu(step_seconds: float, global_batch: int, seq_len: int, flops_per_tok
              peak_per_device: float, devices: int = 1) -> float:
     """MFU of one optimizer step of ``global_batch`` x ``seq_len`` tokens on ``devices`` devices
     (lesson 14's exercise): the step's FLOP/s over the peak of all of them."""
-    return flops_per_token * global_batch * seq_len / step_seconds / (peak_per_device * devices)
+    return profiling.mfu(flops_per_token, global_batch * seq_len / step_seconds, peak_per_device * devices)
 
 
 def choose_batch_size(measured: dict[int, float], budget_bytes: float, global_batch: int) -> tuple[int, float, float]:

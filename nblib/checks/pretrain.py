@@ -374,15 +374,6 @@ def check_average_gradients(average_gradients, timeout: float = RUN_TIMEOUT_S) -
 # ---------------------------------------------------------------------------- 3. the micro-batch size
 
 
-def _course_choose(measured: dict, budget_bytes: float, global_batch: int) -> tuple[int, float, float]:
-    rows = sorted(measured)
-    per_row, fixed = np.polyfit(rows, [measured[b] for b in rows], 1)
-    fits = [b for b in range(1, global_batch + 1) if global_batch % b == 0 and fixed + per_row * b <= budget_bytes]
-    if not fits:
-        raise ValueError(f"even 1 row needs {fixed + per_row:.4g} bytes, over the budget of {budget_bytes:.4g}")
-    return fits[-1], float(fixed), float(per_row)
-
-
 def _isclose(a, b) -> bool:
     try:
         return math.isclose(float(a), float(b), rel_tol=1e-6)
@@ -416,7 +407,7 @@ def check_choose_batch_size(choose_batch_size) -> None:
     for what, measured, budget, global_batch in cases:
         what = (f"choose_batch_size({what}: measured at B={sorted(measured)}, budget {_gb(budget)}, "
                 f"global_batch={global_batch})")
-        want_b, want_fixed, want_per_row = _course_choose(measured, budget, global_batch)
+        want_b, want_fixed, want_per_row = pretrain.choose_batch_size(measured, budget, global_batch)
         got = call_learner(what, choose_batch_size, dict(measured), budget, global_batch)
         try:
             b, fixed, per_row = got
