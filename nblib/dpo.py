@@ -80,6 +80,8 @@ def collate(pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, pad_id: int) ->
         shape = list(ref_logprobs.shape) if torch.is_tensor(ref_logprobs) else type(ref_logprobs).__name__
         raise ValueError(f"ref_logprobs must be [{len(pairs)}, 2] (chosen, rejected) for {len(pairs)} pairs, "
                          f"got {shape}: pass reference_logprobs(...)[picks] with the pairs' indices")
+    rl.check_finite(ref_logprobs, "ref_logprobs", "recompute them with reference_logprobs(ref, pairs, ...) of a "
+                    "reference model whose weights are finite")
     return DPOBatch(prefs.collate_pairs(pairs, pad_id), torch.cat([ref_logprobs[:, 0], ref_logprobs[:, 1]]))
 
 

@@ -72,17 +72,30 @@ def rollout(policy: nn.Module, ref: nn.Module, prompts: list[list[int]], reward_
         raise ValueError("a reply has no tokens: use max_new_tokens >= 1")
     _, logprobs = engine.sequence_logprobs(policy, out.ids, out.completion_mask, out.attention_mask)
     _, ref_logprobs = engine.sequence_logprobs(ref, out.ids, out.completion_mask, out.attention_mask)
-    completions = out.completions(keep_stop=True)
-    rewards = []
-    for row, completion in enumerate(completions):
-        r = reward_fn(row // cfg.group_size, completion)
-        if r is None:
-            raise ValueError("reward_fn returned None: it must return a number for every reply (e.g. 1.0 or 0.0)")
-        rewards.append(float(r))
-    rewards = torch.tensor(rewards, device=out.ids.device)
+    rewards = torch.tensor(score(reward_fn, out.completions(keep_stop=True), cfg.group_size), device=out.ids.device)
     advantages = rl.group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages)
     return Groups(out.ids, out.attention_mask, out.completion_mask, logprobs, ref_logprobs, rewards, advantages,
                   out.finished)
+
+
+def score(reward_fn, completions: list[list[int]], group_size: int) -> list[float]:
+    """``reward_fn(row // group_size, completion)`` of every reply, each a finite float, or a ValueError
+    that names the first bad reply: one nan reward would turn every weight to nan in one update."""
+    rewards = []
+    for row, completion in enumerate(completions):
+        r = reward_fn(row // group_size, completion)
+        try:
+            rewards.append(float(r))
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"reward_fn returned {r!r} for prompt {row // group_size}, reply {completion}: it must "
+                             "return a number for every reply (e.g. 1.0 or 0.0)") from None
+    bad = [row for row, r in enumerate(rewards) if not math.isfinite(r)]
+    if bad:
+        first = bad[0]
+        raise ValueError(f"reward_fn returned {rewards[first]} for {len(bad)} of {len(rewards)} replies (first: prompt "
+                         f"{first // group_size}, reply {completions[first]}); return a finite float for every reply "
+                         "(e.g. 1.0 right, 0.0 wrong)")
+    return rewards
 
 
 def loss_fn(cfg: GRPOConfig):

@@ -86,6 +86,16 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, cols, -1).max(dim=1).values
 
 
+def checked_scores(scores, n: int) -> torch.Tensor:
+    """``score_fn``'s scores as float [n], refusing any other shape and nan or inf (a diverged reward model)."""
+    if not torch.is_tensor(scores) or scores.shape != (n,):
+        shape = list(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise ValueError(f"score_fn must return one score per reply, [{n}], got {shape}")
+    rl.check_finite(scores, "score_fn's scores (the reward model's)", "retrain the reward model (lower its "
+                    "learning rate) or check score_fn: one nan score reaches every weight in one update")
+    return scores.float()
+
+
 @torch.no_grad()
 def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]], cfg: PPOConfig, end_id: int,
             pad_id: int, generator: torch.Generator | None = None) -> Experience:
@@ -104,7 +114,7 @@ def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]],
     _, ref_logprobs = engine.sequence_logprobs(ref, ids, mask, attn)
     values = token_values(ac.value, ids, attn)
     last = last_token_index(mask)
-    scores = score_fn(ids, attn, last).float()
+    scores = checked_scores(score_fn(ids, attn, last), len(ids))
     if cfg.no_end_penalty is not None:
         scores = torch.where(out.finished, scores, torch.full_like(scores, cfg.no_end_penalty))
     rewards = -cfg.kl_coef * rl.kl_estimate(logprobs, ref_logprobs, "k1", mask=mask)

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -51,47 +52,62 @@ class Peak:
     """A device's peak FLOP/s per dtype (None: the device has no fast path for it)."""
 
     device: str
-    match: tuple[str, ...]      # all of these substrings (lower case) appear in torch's device name
+    model: tuple[str, ...]      # the words of the model in torch's device name, e.g. ("rtx", "4090")
+    forms: tuple[str, ...]      # the form-factor words that may come with them and name the same part
     flops: dict[str, float | None]
     source: str
 
 
 PEAKS = [
-    Peak("NVIDIA H100 SXM", ("h100",),
+    Peak("NVIDIA H100 SXM", ("h100",), ("sxm", "sxm5"),
          {"bfloat16": 989.4e12, "float16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
          "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column; " + NVIDIA_DENSE),
-    Peak("NVIDIA H200", ("h200",),
+    Peak("NVIDIA H200", ("h200",), ("sxm",),
          {"bfloat16": 989.4e12, "float16": 989.4e12, "tf32": 494.7e12, "float32": 66.9e12},
          "NVIDIA H200 datasheet, H200 SXM column (the same compute as H100 SXM); " + NVIDIA_DENSE),
-    Peak("NVIDIA A100", ("a100",),
+    Peak("NVIDIA A100", ("a100",), ("sxm", "sxm4", "pcie"),
          {"bfloat16": 312e12, "float16": 312e12, "tf32": 156e12, "float32": 19.5e12},
-         "NVIDIA A100 Tensor Core GPU datasheet (40GB and 80GB alike); " + NVIDIA_DENSE),
-    Peak("NVIDIA L4", ("l4",),
+         "NVIDIA A100 Tensor Core GPU datasheet (40GB and 80GB, SXM and PCIe alike); " + NVIDIA_DENSE),
+    Peak("NVIDIA L4", ("l4",), (),
          {"bfloat16": 121e12, "float16": 121e12, "tf32": 60e12, "float32": 30.3e12},
          "NVIDIA L4 Tensor Core GPU datasheet; " + NVIDIA_DENSE),
-    Peak("NVIDIA T4", ("t4",),
+    Peak("NVIDIA T4", ("t4",), (),
          {"bfloat16": None, "float16": 65e12, "tf32": None, "float32": 8.1e12},
          "NVIDIA T4 datasheet (Turing: float16 Tensor Cores, no bfloat16 or TF32)"),
-    Peak("NVIDIA GeForce RTX 4090", ("rtx 4090",),
+    Peak("NVIDIA GeForce RTX 4090", ("rtx", "4090"), (),
          {"bfloat16": 165.2e12, "float16": 165.2e12, "tf32": 82.6e12, "float32": 82.6e12},
          "NVIDIA Ada Lovelace architecture whitepaper, RTX 4090: Tensor Core with float32 accumulate, dense"),
 ]
 # A10G (AWS) is left out: NVIDIA publishes no datasheet for it, and we quote no number we cannot source.
 
+VENDOR_WORDS = {"nvidia", "tesla", "geforce"}
+MEMORY_WORD = re.compile(r"\d+gb|hbm\d*e?")   # "80GB", "HBM3": the same compute with more or other memory
+
+
+def name_words(device_name: str) -> list[str]:
+    """The words of a device name that say which part it is: lower case, split at spaces, hyphens
+    and underscores, without the vendor's brands and the memory ("NVIDIA A100-SXM4-80GB" -> a100, sxm4)."""
+    words = re.split(r"[\s_-]+", device_name.lower().strip())
+    return [w for w in words if w and w not in VENDOR_WORDS and not MEMORY_WORD.fullmatch(w)]
+
 
 def lookup_peak(device_name: str) -> Peak | None:
     """The ``PEAKS`` row for a device name as ``torch.cuda.get_device_name`` spells it, or None.
 
-    "NVIDIA H100 PCIe" is *not* the SXM part (fewer SMs, lower clock): it gets None, not a
-    wrong number."""
-    name = device_name.lower()
-    if "h100" in name and ("pcie" in name or "nvl" in name):
-        return None
+    A row matches when the name's words (``name_words``) are its model's words plus only form
+    factors it lists: a word it does not know makes another card, which gets None, never a
+    neighbour's number ("NVIDIA T400" is not a T4, "NVIDIA H100 PCIe" not the SXM part,
+    "NVIDIA GeForce RTX 4090 D" or "... Laptop GPU" not the desktop RTX 4090)."""
+    words = name_words(device_name)
     for peak in PEAKS:
-        if all(part in name for part in peak.match):
-            if peak.match == ("l4",) and "l40" in name:
-                continue  # the L40 is another card
-            return peak
+        rest = list(words)
+        for w in peak.model:
+            if w not in rest:
+                break
+            rest.remove(w)
+        else:
+            if all(w in peak.forms for w in rest):
+                return peak
     return None
 
 
@@ -103,8 +119,10 @@ def peak_flops(device_name: str, dtype: str = "bfloat16") -> float:
     peak = lookup_peak(device_name)
     if peak is None:
         known = sorted({p.device for p in PEAKS})
-        raise KeyError(f"no peak FLOP/s known for {device_name!r}; known: {known}. Add a row to "
-                       "nblib.profiling.PEAKS with its datasheet source, or pass the peak yourself.")
+        raise KeyError(f"no peak FLOP/s known for {device_name!r} (known: {known}; a name matches only as "
+                       "torch spells that very part). Look up its dense (non-sparse) figure in the datasheet and "
+                       "pass the peak yourself, e.g. profiling.mfu(flops_per_token, tokens_per_second, peak=...), "
+                       "or add a row to nblib.profiling.PEAKS with its datasheet source.")
     if dtype not in peak.flops:
         raise ValueError(f"dtype must be one of {sorted(peak.flops)}, got {dtype!r}")
     value = peak.flops[dtype]

@@ -55,6 +55,18 @@ def _count(mask: torch.Tensor, what: str) -> torch.Tensor:
     return n
 
 
+def check_finite(x: torch.Tensor, name: str, fix: str, mask: torch.Tensor | None = None) -> None:
+    """Refuse nan and inf in ``x`` (where ``mask`` is True: outside it anything goes, it is padding).
+
+    One nan reward or score spreads through the advantages into every weight in one update;
+    the error says where the first one is, how many there are, and ``fix``, what to do."""
+    bad = ~torch.isfinite(x) if mask is None else mask & ~torch.isfinite(x)
+    if bad.any():
+        first = bad.nonzero()[0].tolist()
+        counted = x.numel() if mask is None else int(mask.sum())
+        raise ValueError(f"{name} hold {x[tuple(first)].item()} at {first} ({int(bad.sum())} of {counted}): {fix}")
+
+
 def _float(x: torch.Tensor) -> torch.Tensor:
     """At least float32 (bf16/fp16 sums and exps lose too much; float64 stays float64)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -140,6 +152,12 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 # ---------------------------------------------------------------------------- PPO
 
 
+def _check_rewards_and_values(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+    check_finite(rewards, "rewards", "every reward inside the mask must be a finite number (is the reward model's "
+                 "score nan, or a reward function's?)", mask)
+    check_finite(values, "values", "the value model diverged: lower its learning rate, or clip its loss", mask)
+
+
 @torch.no_grad()
 def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                   gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +174,7 @@ def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tenso
     ``gae`` computes the same, vectorised; this one is the readable reference.
     """
     _check_mask(mask, rewards=rewards, values=values)
+    _check_rewards_and_values(rewards, values, mask)
     advantages = torch.zeros(mask.shape, dtype=torch.promote_types(_float(rewards).dtype, values.dtype))
     for row in range(mask.shape[0]):
         next_value, next_advantage = 0.0, 0.0  # after the last token the episode has ended
@@ -185,6 +204,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     targets, constants of the losses).
     """
     _check_mask(mask, rewards=rewards, values=values)
+    _check_rewards_and_values(rewards, values, mask)
     dtype = torch.promote_types(_float(rewards).dtype, values.dtype)
     rewards = torch.where(mask, rewards, 0).to(dtype)
     values = torch.where(mask, values, 0).to(dtype)
@@ -395,6 +415,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
         raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of group_size={group_size}: rows "
                          "i*G ... i*G+G-1 are one prompt's samples, so N must be a multiple of group_size "
                          "(generate with num_samples=group_size)")
+    check_finite(rewards, "rewards", "every reward must be a finite number (e.g. 1.0 right, 0.0 wrong)")
     r = _float(rewards.detach()).reshape(-1, group_size)
     advantages = r - r.mean(dim=1, keepdim=True)
     if scale:

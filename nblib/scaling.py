@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,17 +154,37 @@ def sweep(plan: dict[float, list[tuple[int, int]]], train_ids, val_ids, vocab_si
 
 # ---------------------------------------------------------------------------- fits
 
-def isoflop_minimum(params, losses) -> tuple[float, float]:
+def profile(sizes, losses, what: str = "N") -> tuple[np.ndarray, np.ndarray]:
+    """``(ln sizes, losses)`` of one IsoFLOP profile as arrays, refusing what no parabola can be
+    fitted to: a size that is not positive, a diverged run (loss nan or inf), fewer than 3
+    different sizes (a parabola through 2 sizes is anything: its "minimum" can be a negative
+    loss at a fraction of a parameter)."""
+    n, y = np.asarray(sizes, dtype=float), np.asarray(losses, dtype=float)
+    if n.shape != y.shape or n.ndim != 1:
+        raise ValueError(f"one loss per size: got {n.shape} sizes and {y.shape} losses")
+    for size, loss in zip(n, y):
+        if not (math.isfinite(size) and size > 0):
+            raise ValueError(f"{what} = {size:.0f} is not a size: every {what} must be a positive number")
+        if not math.isfinite(loss):
+            raise ValueError(f"loss {loss} at {what} = {size:.0f}: a diverged run; leave it out of the fit "
+                             "(or run it again with a lower learning rate)")
+    different = np.unique(n)
+    if len(different) < 3:
+        listed = ", ".join(f"{v:.0f}" for v in different)
+        raise ValueError(f"a parabola needs runs of at least 3 different sizes, got {len(different)} "
+                         f"({what} = [{listed}]): add sizes on both sides of the best one")
+    return np.log(n), y
+
+
+def isoflop_minimum(params, losses, what: str = "N") -> tuple[float, float]:
     """The bottom of one IsoFLOP profile: fit ``loss = a x^2 + b x + c`` with ``x = ln N``
     (least squares) and return ``(N_opt, loss at N_opt)`` from the vertex ``x = -b / 2a``.
 
     Raises ValueError when the fitted parabola opens downwards (no minimum: the sizes do
-    not bracket the optimum) or there are fewer than 3 points.
+    not bracket the optimum), and for runs no parabola can be fitted to (``profile``: fewer
+    than 3 different sizes, a diverged run). ``what`` names the sizes in the messages.
     """
-    x = np.log(np.asarray(params, dtype=float))
-    y = np.asarray(losses, dtype=float)
-    if len(x) < 3:
-        raise ValueError(f"a parabola needs at least 3 runs, got {len(x)}")
+    x, y = profile(params, losses, what)
     a, b, c = np.polyfit(x, y, 2)
     if a <= 0:
         raise ValueError("the fitted parabola has no minimum (it opens downwards): "
@@ -172,12 +193,33 @@ def isoflop_minimum(params, losses) -> tuple[float, float]:
     return float(math.exp(x_opt)), float(c - b * b / (4 * a))
 
 
+def logs(name: str, values, fit: str) -> np.ndarray:
+    """``ln values``, refusing nan, inf, 0 and negatives (whose logs are nan, and the fit's result with them)."""
+    v = np.asarray(values, dtype=float)
+    bad = np.flatnonzero(~np.isfinite(v) | (v <= 0))
+    if len(bad):
+        raise ValueError(f"{fit} fits in log-log: {name} = {v[bad[0]]} at index {bad[0]} ({len(bad)} of {v.size} "
+                         "values): every value must be positive and finite (leave diverged or empty runs out)")
+    return np.log(v)
+
+
 def fit_power_law(x, y) -> tuple[float, float]:
     """``y = k * x^a``: a straight line ``ln y = ln k + a ln x`` fitted by least squares;
-    returns ``(k, a)``."""
-    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
+    returns ``(k, a)``. x and y must be positive and finite, with at least 2 different x."""
+    lx, ly = logs("x", x, "fit_power_law"), logs("y", y, "fit_power_law")
+    if lx.shape != ly.shape or len(np.unique(lx)) < 2:
+        raise ValueError(f"a power law needs one y per x and at least 2 different x, got x = {list(x)}, y = {list(y)}")
     a, log_k = np.polyfit(lx, ly, 1)
     return float(math.exp(log_k)), float(a)
+
+
+@contextmanager
+def at_budget(budget: float):
+    """Name the budget in a fit's ValueError: which IsoFLOP profile needs another run."""
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"budget C = {budget:.2e}: {err}") from None
 
 
 def by_budget(runs: list[Run]) -> dict[float, list[Run]]:
@@ -192,8 +234,9 @@ def optima(runs: list[Run]) -> list[dict]:
     """Per budget: N_opt and the loss there (``isoflop_minimum``), and D_opt, the same fit in ln D."""
     rows = []
     for budget, group in by_budget(runs).items():
-        n_opt, loss_opt = isoflop_minimum([r.params for r in group], [r.val_loss for r in group])
-        d_opt, _ = isoflop_minimum([r.tokens for r in group], [r.val_loss for r in group])
+        with at_budget(budget):
+            n_opt, loss_opt = isoflop_minimum([r.params for r in group], [r.val_loss for r in group])
+            d_opt, _ = isoflop_minimum([r.tokens for r in group], [r.val_loss for r in group], "D")
         rows.append({"budget": budget, "n_opt": n_opt, "d_opt": d_opt, "loss_opt": loss_opt})
     return rows
 
@@ -213,11 +256,12 @@ def bootstrap_exponents(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> d
     groups = list(by_budget(runs).values())
     fitted = []
     for g in groups:
-        x = np.log([r.params for r in g])
-        y = np.array([r.val_loss for r in g])
         if len(g) < 4:
             raise ValueError(f"the bootstrap needs at least 4 runs per budget (a parabola has 3 parameters), "
                              f"got {len(g)} at C = {g[0].budget:.2e}")
+        with at_budget(g[0].budget):  # refused here, not dropped replicate after replicate below
+            x, y = profile([r.params for r in g], [r.val_loss for r in g])
+            profile([r.tokens for r in g], y, "D")
         coef = np.polyfit(x, y, 2)
         residuals = (y - np.polyval(coef, x)) * math.sqrt(len(g) / (len(g) - 3))
         fitted.append((g, np.polyval(coef, x), residuals))
@@ -228,7 +272,7 @@ def bootstrap_exponents(runs: list[Run], n_boot: int = 1000, seed: int = 0) -> d
             for g, mean, resid in fitted:
                 y = mean + rng.choice(resid, size=len(resid), replace=True)
                 n_opt, _ = isoflop_minimum([r.params for r in g], y)
-                d_opt, _ = isoflop_minimum([r.tokens for r in g], y)
+                d_opt, _ = isoflop_minimum([r.tokens for r in g], y, "D")
                 rows.append((g[0].budget, n_opt, d_opt))
         except ValueError:
             dropped += 1
@@ -249,9 +293,11 @@ def fit_loss_surface(n, d, loss, delta: float = 1e-3, refine: int = 5) -> dict:
     minimise the Huber loss (``delta``) of ``ln L_pred - ln L``, written in ``ln A, ln B, ln E``
     so the three stay positive. The fit has local minima, so: score a grid of starting
     points, then refine the ``refine`` best with L-BFGS and keep the best result."""
-    ln_n = torch.log(torch.as_tensor(n, dtype=torch.float64))
-    ln_d = torch.log(torch.as_tensor(d, dtype=torch.float64))
-    ln_l = torch.log(torch.as_tensor(loss, dtype=torch.float64))
+    ln_n, ln_d, ln_l = (torch.from_numpy(logs(name, v, "fit_loss_surface"))
+                        for name, v in (("N", n), ("D", d), ("loss", loss)))
+    if not len(ln_n) == len(ln_d) == len(ln_l) or len(ln_n) < 5:
+        raise ValueError(f"the surface has 5 parameters: it needs at least 5 runs, one N, D and loss each; got "
+                         f"{len(ln_n)} N, {len(ln_d)} D, {len(ln_l)} losses")
 
     def objective(theta):  # theta: [..., 5] = ln A, ln B, ln E, alpha, beta
         ln_a, ln_b, ln_e, alpha, beta = (theta[..., i, None] for i in range(5))

@@ -140,7 +140,10 @@ def heldout_loss(model, fixed_batches: list[Batch]) -> float:
         s, n = token_losses(model(batch.ids)[0], batch.ids, batch.mask)
         total, count = total + s.item(), count + int(n)
     model.train(was_training)
-    return total / max(count, 1)
+    if count == 0:
+        raise ValueError("no assistant token in the held-out batches: nothing to measure (a loss of 0 would look "
+                         "perfect); render conversations with assistant replies, e.g. from sft.batches")
+    return total / count
 
 
 # ---------------------------------------------------------------------------- generation evals

@@ -301,7 +301,8 @@ class Trainer:
     language-model loss on ``(x, y)`` batches; its metrics (a dict of scalar tensors) are
     averaged over the micro-batches into ``history.metrics``. Batches are moved to the
     device (``to_device``). ``history`` is read back from the device every
-    ``cfg.log_interval`` steps and whenever you read ``trainer.history``.
+    ``cfg.log_interval`` steps and whenever you read ``trainer.history``; a nan or inf loss
+    among those steps stops the run there with a ``FloatingPointError`` (without float16's scaler).
 
     ``save(path)`` / ``load(path)`` checkpoint everything, RNG included; a run that loads
     and goes on with the same batches equals one that never stopped (draw each batch
@@ -368,9 +369,25 @@ class Trainer:
         self._pending.append((self.steps_done, lr, losses, grad_norm.detach(), metrics))
         if self.steps_done % self.cfg.log_interval == 0:
             self._flush()  # inside the timed region: the wait for the device is training time
+            if self.scaler is None:  # float16's GradScaler skips a step whose gradients overflowed by itself
+                self._refuse_nonfinite_loss(self.cfg.log_interval)
         self._history.seconds += time.perf_counter() - t0
         return {"loss": losses.mean(), "grad_norm": grad_norm.detach(),
                 **{name: values.mean() for name, values in metrics.items()}}
+
+    def _refuse_nonfinite_loss(self, last: int) -> None:
+        """Stop at a nan or inf loss among the ``last`` steps: its update spread it into the weights,
+        and every step after would train nothing. Checked when the history is read back (no wait)."""
+        h = self._history
+        start = max(0, len(h.loss) - last)
+        bad = next((i for i in range(start, len(h.loss)) if not math.isfinite(h.loss[i])), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"the training loss is {h.loss[bad]} at step {h.step[bad]} (lr {h.lr[bad]:.3g}, grad norm "
+                f"{h.grad_norm[bad]:.3g}); the weights are no longer usable. A diverged run: lower the learning "
+                "rate, add warmup or gradient clipping, train in float32 or bfloat16. Or a loss_fn that divides by "
+                "0 (an empty mask) or takes the log of 0. Start again from a checkpoint or a fresh model; "
+                "trainer.history shows the steps before.")
 
     def _flush(self) -> None:
         """Copy the pending steps' numbers to the history (the one place that waits for the device)."""

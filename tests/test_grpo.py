@@ -75,3 +75,14 @@ def test_grpo_learns_to_say_a_rewarded_character(average):
     assert first < 0.4 and last > first + 0.4, [round(h["reward"], 2) for h in log]
     assert set(log[0]) >= {"reward", "all_equal", "kl", "length", "ended", "clip_fraction"}
     assert log[-1]["kl"] > log[0]["kl"] and not trained.training
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, torch.tensor(math.nan)])
+def test_rollout_refuses_a_reward_that_is_not_finite(bad):
+    """A nan reward would turn every weight to nan in one update: the rollout names the replies instead."""
+    model, cfg = tiny(), grpo.GRPOConfig(group_size=4, max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"reward_fn returned (nan|inf|-inf) for 4 of 8 replies \(first: prompt 1, "
+                                         r"reply \[[\d, ]+\]\); return a finite float"):
+        grpo.rollout(model, model, prompts(2), lambda i, c: bad if i == 1 else 1.0, cfg, TOK.end_id, TOK.pad_id)
+    with pytest.raises(ValueError, match="reward_fn returned 'yes' for prompt 0"):
+        grpo.rollout(model, model, prompts(2), lambda i, c: "yes", cfg, TOK.end_id, TOK.pad_id)

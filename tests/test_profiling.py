@@ -223,3 +223,24 @@ def test_checks_reject_wrong_answers():
 
     with pytest.raises(CheckFailed):
         checks.check_bf16_step(no_update)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA T400", "NVIDIA T400 4GB", "NVIDIA H200 NVL", "NVIDIA GH200 480GB",
+                                  "NVIDIA GeForce RTX 4090 D", "NVIDIA GeForce RTX 4090 Laptop GPU",
+                                  "NVIDIA H100 NVL", "NVIDIA L40", "NVIDIA A100X", "NVIDIA H100 PCIe"])
+def test_a_card_whose_name_contains_a_known_one_is_not_that_card(name):
+    """Today's substring match gave these the peak of the card named inside them (a T400 got a T4's)."""
+    assert profiling.lookup_peak(name) is None
+    with pytest.raises(KeyError, match="pass the peak yourself"):
+        profiling.peak_flops(name)
+
+
+KNOWN_NAMES = [("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM"), ("NVIDIA H100 SXM", "NVIDIA H100 SXM"),
+               ("NVIDIA H100 SXM5 94GB", "NVIDIA H100 SXM"), ("NVIDIA H200", "NVIDIA H200"),
+               ("NVIDIA A100-SXM4-80GB", "NVIDIA A100"), ("NVIDIA A100-PCIE-40GB", "NVIDIA A100"),
+               ("Tesla T4", "NVIDIA T4"), ("NVIDIA L4", "NVIDIA L4"), ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 4090")]
+
+
+@pytest.mark.parametrize("name,device", KNOWN_NAMES)
+def test_known_cards_under_the_names_torch_gives_them(name, device):
+    assert profiling.lookup_peak(name).device == device

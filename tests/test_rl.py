@@ -530,3 +530,45 @@ def test_grpo_errors_say_what_to_do():
     empty[2] = False
     with pytest.raises(ValueError, match="no tokens in the mask"):
         rl.grpo_loss(logprobs, logprobs, ref, adv, empty)
+
+
+# ---------------------------------------------------------------------------- bad rewards
+
+
+def test_nan_or_inf_rewards_are_refused_where_they_count():
+    with pytest.raises(ValueError, match=r"rewards hold nan at \[2\] \(1 of 4\)"):
+        rl.group_advantages(torch.tensor([1.0, 0.0, NAN, 1.0]), 2)
+    with pytest.raises(ValueError, match=r"rewards hold inf"):
+        rl.group_advantages(torch.tensor([1.0, INF]), 2)
+    mask = torch.tensor([[False, True, True], [False, True, False]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, NAN, INF]])   # nan inside the mask, inf outside
+    for gae in (rl.gae, rl.gae_reference):
+        with pytest.raises(ValueError, match=r"rewards hold nan at \[1, 1\] \(1 of 3\)"):
+            gae(rewards, torch.zeros(2, 3), mask, 1.0, 0.9)
+        gae(torch.where(mask, 0.5, rewards.nan_to_num(0.0)).masked_fill(~mask, INF), torch.zeros(2, 3), mask, 1.0,
+            0.9)   # outside the mask anything goes (padding)
+
+
+def test_ppo_refuses_nan_scores_from_the_reward_model():
+    import copy
+
+    from nblib import chat, llama, ppo, reward
+    tok = chat.ChatTokenizer()
+    torch.manual_seed(0)
+    policy = llama.Llama(llama.LlamaConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16,
+                                           eos_token_id=tok.end_id))
+    ac = ppo.ActorCritic(policy, reward.ScalarHead(copy.deepcopy(policy)))
+    prompts = [chat.render_prompt([{"role": "user", "content": "Hi"}], tok)] * 3
+    cfg = ppo.PPOConfig(max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"score_fn's scores \(the reward model's\) hold nan at \[1\] \(1 of 3\)"):
+        ppo.rollout(ac, policy, lambda ids, attn, last: torch.tensor([0.0, NAN, 1.0]), prompts, cfg, tok.end_id,
+                    tok.pad_id)
+    with pytest.raises(ValueError, match=r"one score per reply, \[3\], got \[3, 1\]"):
+        ppo.rollout(ac, policy, lambda ids, attn, last: torch.zeros(3, 1), prompts, cfg, tok.end_id, tok.pad_id)
+
+
+def test_dpo_refuses_nan_reference_logprobs():
+    from nblib import dpo, prefs
+    pairs = [prefs.Pair([1, 2], [3, 4], [5], 1.0, 0.0), prefs.Pair([1], [3], [5, 6], 0.0, 1.0)]
+    with pytest.raises(ValueError, match=r"ref_logprobs hold nan at \[1, 0\] \(1 of 4\)"):
+        dpo.collate(pairs, torch.tensor([[-2.0, -1.0], [NAN, -1.0]]), pad_id=0)

@@ -219,3 +219,38 @@ def test_check_flops_names_the_missing_term():
 
     with pytest.raises(CheckFailed, match="output head"):
         checks.check_flops_per_token(no_head)
+
+
+def test_fits_refuse_too_few_sizes_diverged_runs_and_non_positive_values():
+    """Each of these gave a number or an unrelated error before: a negative loss at a fraction of a
+    parameter, nan, nan with numpy warnings, "SVD did not converge"."""
+    with pytest.raises(ValueError, match=r"at least 3 different sizes, got 2 \(N = \[1000, 2000\]\)"):
+        scaling.isoflop_minimum([1000, 1000, 2000], [3.0, 3.1, 2.9])
+    with pytest.raises(ValueError, match=r"loss nan at N = 2000: a diverged run"):
+        scaling.isoflop_minimum([1000, 2000, 4000, 8000], [3.0, math.nan, 2.9, 3.2])
+    with pytest.raises(ValueError, match=r"loss inf at N = 1000"):
+        scaling.isoflop_minimum([1000, 2000, 4000], [math.inf, 2.8, 2.9])
+    with pytest.raises(ValueError, match=r"N = 0 .*positive"):
+        scaling.isoflop_minimum([0, 2000, 4000], [3.0, 2.8, 2.9])
+    with pytest.raises(ValueError, match=r"fit_power_law fits in log-log: y = 0.0 at index 1 .*positive"):
+        scaling.fit_power_law([1, 2, 3], [1.0, 0.0, 2.0])
+    with pytest.raises(ValueError, match=r"x = -1.0 at index 0"):
+        scaling.fit_power_law([-1, 2, 3], [1.0, 1.5, 2.0])
+    with pytest.raises(ValueError, match=r"y = nan at index 2"):
+        scaling.fit_power_law([1, 2, 3], [1.0, 1.5, math.nan])
+    with pytest.raises(ValueError, match=r"at least 2 different x"):
+        scaling.fit_power_law([5, 5], [1.0, 2.0])
+    with pytest.raises(ValueError, match=r"loss = nan at index 3"):
+        scaling.fit_loss_surface([1e3, 2e3, 4e3, 8e3, 1.6e4], [1e5] * 5, [3.0, 2.9, 2.8, math.nan, 2.7])
+
+
+def test_optima_and_bootstrap_name_the_budget_with_too_few_sizes():
+    _, runs = synthetic_runs()
+    squeezed = [r for r in runs if r.budget != BUDGETS[0]] + [r for r in runs if r.budget == BUDGETS[0]][:2] * 2
+    with pytest.raises(ValueError, match=r"C = 1.00e\+11: .*at least 3 different sizes, got 2"):
+        scaling.optima(squeezed)
+    with pytest.raises(ValueError, match=r"C = 1.00e\+11: .*at least 3 different sizes, got 2"):
+        scaling.bootstrap_exponents(squeezed, n_boot=5)   # today: every replicate dropped, empty exponents
+    runs[3].val_loss = math.nan
+    with pytest.raises(ValueError, match=r"C = 1.00e\+11: .*diverged"):
+        scaling.bootstrap_exponents(runs, n_boot=5)

@@ -315,3 +315,30 @@ def test_train_with_any_batch_loss_fn_and_eval_fn():
     plain = train(model(), train_ids, val_ids, TrainConfig(**{**SMALL, "max_steps": 6, "eval_interval": 3}),
                   show_progress=False)
     assert h.loss == pytest.approx(plain.loss, abs=1e-6) and h.val == pytest.approx(plain.val, abs=1e-6)
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error():
+    """A diverged run (or a loss over an empty mask) used to go on with nan weights, silently."""
+    from nblib.train import Trainer
+
+    train_ids, _ = data()
+    trainer = Trainer(model(), TrainConfig(**{**SMALL, "log_interval": 2}))
+
+    def loss_fn(m, batch):
+        _, loss = m(*batch)
+        return loss * (math.nan if trainer.steps_done == 2 else 1.0)
+
+    batch = (train_ids[:64].view(4, 16), train_ids[1:65].view(4, 16))
+    trainer.step([batch], loss_fn)
+    trainer.step([batch], loss_fn)
+    trainer.step([batch], loss_fn)   # the third step's loss is nan: found when the history is read back at step 4
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 3 .*learning rate"):
+        trainer.step([batch], loss_fn)
+    assert math.isnan(trainer.history.loss[2])   # the history is still there to look at
+
+
+def test_sft_heldout_loss_refuses_batches_without_assistant_tokens():
+    from nblib import sft
+    empty = sft.collate([([1, 2, 3], [False, False, False])], pad_id=0)
+    with pytest.raises(ValueError, match="no assistant token"):
+        sft.heldout_loss(model(), [empty])

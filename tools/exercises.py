@@ -19,6 +19,7 @@ marker but is not a valid one is an error: a typo must never leave a solution in
 """
 from __future__ import annotations
 
+import html
 import re
 from dataclasses import dataclass
 
@@ -160,12 +161,19 @@ def exercises(nb, where: str) -> list[Exercise]:
 
 
 TRAILING_COMMENT = re.compile(r"\s+#[^'\"]*$")
+SPACES = re.compile(r"\s+")
+
+
+def flattened(text: str) -> str:
+    """Text with every run of whitespace made one space: a line quoted in a sentence, wrapped
+    over two lines or spaced differently is still the same line."""
+    return SPACES.sub(" ", text).strip()
 
 
 def normalized(line: str) -> str:
-    """A line as the leak check compares it: stripped, without a trailing comment (a comment
-    added to a solution line does not make it another line)."""
-    return TRAILING_COMMENT.sub("", line.strip())
+    """A line as the leak check compares it: whitespace flattened, without a trailing comment
+    (a comment added to a solution line does not make it another line)."""
+    return flattened(TRAILING_COMMENT.sub("", line.strip()))
 
 
 def is_trivial(line: str) -> bool:
@@ -187,23 +195,54 @@ def solution_lines(nb, where: str) -> set[str]:
     return {normalized(ln) for ln in lines if not is_trivial(ln)}
 
 
+MD_ESCAPE = re.compile(r"\\([!-/:-@\[-`{-~])")  # markdown's backslash before punctuation: `\*` shows `*`
+
+
+def as_shown(cell) -> str:
+    """A cell's text as the learner reads it, flattened: markdown without its backslash escapes
+    and HTML entities (``&lt;``), so a quoted line cannot hide behind them."""
+    text = cell.source
+    if cell.cell_type == "markdown":
+        text = html.unescape(MD_ESCAPE.sub(r"\1", text))
+    return flattened(text)
+
+
+def quoted(line: str, text: str) -> bool:
+    """Whether ``line`` appears in ``text`` (both flattened) as a whole: not as part of a longer
+    name (``subtotal = ...`` does not quote ``total = ...``)."""
+    start = text.find(line)
+    while start >= 0:
+        end = start + len(line)
+        if not (start and _joins(text[start - 1], line[0])) and not (end < len(text) and _joins(line[-1], text[end])):
+            return True
+        start = text.find(line, start + 1)
+    return False
+
+
+def _joins(a: str, b: str) -> bool:
+    """Two characters side by side are one word (so a match between them would cut a name)."""
+    return (a.isalnum() or a == "_") and (b.isalnum() or b == "_")
+
+
 def leaks(solutions: dict[str, set[str]], students: dict[str, object], allow: set[str] = frozenset()) -> list[str]:
     """Solution lines (from any lesson) found anywhere in any student notebook, and stray markers.
 
+    A solution line is found wherever it is quoted: a line of code, a comment, a sentence of
+    markdown, backticks, a hint, a code block in markdown, whatever the spacing and line breaks.
     ``solutions`` maps an instructor notebook to its solution lines; ``students`` maps a
     student notebook's name to the notebook. Returns readable findings, empty when clean.
     """
     owner: dict[str, str] = {}
     for name, lines in solutions.items():
-        for line in lines:
+        for line in sorted(lines):
             owner.setdefault(line, name)
+    wanted = [line for line in owner if line not in allow]
     found = []
     for name, nb in students.items():
         for i, cell in enumerate(nb.cells):
+            text = as_shown(cell)
+            found += [f"{name} cell {i}: solution line from {owner[s]}: {s!r}" for s in wanted if quoted(s, text)]
             for line in cell.source.split("\n"):
-                s = normalized(line)
-                if s in owner and s not in allow:
-                    found.append(f"{name} cell {i}: solution line from {owner[s]}: {s!r}")
-                elif CODE_MARKER.match(line) or MD_MARKER.match(line) or MARKER_LIKE.search(line):
-                    found.append(f"{name} cell {i}: marker left in a student version: {s!r}")
+                if CODE_MARKER.match(line) or MD_MARKER.match(line) or MARKER_LIKE.search(line):
+                    found.append(f"{name} cell {i}: marker left in a student version: {normalized(line)!r}")
     return found
