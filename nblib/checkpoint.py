@@ -12,12 +12,16 @@ unlike a pickle (``torch.save``), which runs code when loaded. One file holds:
   into a model of another shape fails early with the fields that differ.
 - metadata ``step`` and ``extra`` (any JSON-able dict, e.g. the training history).
 
-Files are written to a temporary name and renamed, so a run killed while saving never
-leaves a half-written checkpoint behind.
+Files are written to a temporary name, flushed to the disk and renamed, so a run killed
+while saving never leaves a half-written checkpoint behind (and a save that fails removes
+its temporary file). The metadata ``sha256`` is a checksum of every tensor's bytes and of
+the other metadata: ``load_checkpoint`` recomputes it, so a bit flipped on a disk or in a
+copy is an error that names the file instead of weights that load silently wrong.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -36,6 +40,10 @@ FORMAT = "nblib-checkpoint-1"
 
 class ConfigMismatchError(ValueError):
     """The checkpoint was saved from a model with another config; the message lists the fields."""
+
+
+class CorruptCheckpointError(ValueError):
+    """The checkpoint's contents do not match the checksum saved with it."""
 
 
 def config_dict(config) -> dict:
@@ -122,11 +130,41 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         rng_tensors, rng_meta = _rng_state()
         tensors.update(rng_tensors)
         meta["rng"] = json.dumps(rng_meta)
+    meta["sha256"] = checksum(tensors, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on the disk before the rename: a crash then leaves the old file or the new
+        os.replace(tmp, path)
+    except BaseException:  # an error, a full disk, Ctrl-C: no half-written file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 of the metadata (but its own ``sha256``) and of each tensor's name, dtype, shape and
+    bytes, in name order: the same for the tensors saved and the tensors loaded back."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in meta if k != "sha256"):
+        h.update(f"{key}={meta[key]}\n".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, whatever the dtype (bfloat16 too)
+    return h.hexdigest()
+
+
+def verify(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Raise ``CorruptCheckpointError`` if ``tensors`` and ``meta`` (read from ``path``) do not
+    match the checksum saved with them. Files written before checksums existed have none."""
+    if "sha256" in meta and checksum(tensors, meta) != meta["sha256"]:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt: its contents do not match the sha256 checksum saved in it (a bit changed on "
+            "the disk or in a copy). Copy it again from where it came, or, for a training run, move it away "
+            "and resume from another copy or train again; its weights were not loaded")
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -146,10 +184,17 @@ def read_metadata(path: str | Path) -> dict:
         raise ValueError(f"{path} is a safetensors file but not a course checkpoint: its metadata has format "
                          f"{meta.get('format')!r}, not {FORMAT!r} (written by nblib.checkpoint.save_checkpoint).{hint}")
     out = dict(meta)
-    for key in ("config", "aliases", "extra", "optimizer", "rng"):
-        if key in out:
-            out[key] = json.loads(out[key])
-    out["step"] = int(out["step"])
+    try:
+        for key in ("config", "aliases", "extra", "optimizer", "rng"):
+            if key in out:
+                out[key] = json.loads(out[key])
+        out["step"] = int(out["step"])
+        out["config"]["class"], out["config"]["fields"], out["aliases"], out["extra"]  # noqa: B018 (must exist)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptCheckpointError(
+            f"{path} is corrupt: its metadata cannot be read ({type(err).__name__}: {err}). Copy it again from "
+            "where it came, or, for a training run, move it away and resume from another copy or train again"
+        ) from err
     return out
 
 
@@ -158,11 +203,14 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     """Load a checkpoint into ``model`` (and ``optimizer``); return its metadata (``step``, ``extra``, ...).
 
     The config is checked first: a checkpoint from a model of another config raises
-    ``ConfigMismatchError`` naming the fields that differ, before any weight is touched.
+    ``ConfigMismatchError`` naming the fields that differ, before any weight is touched; then
+    the checksum: a damaged file raises ``CorruptCheckpointError`` (a ``ValueError``).
     """
     meta = read_metadata(path)
     check_config(meta["config"], model.config)
     tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        verify(path, tensors, f.metadata())  # before any weight is touched
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     for alias, name in meta["aliases"].items():
         state[alias] = state[name]

@@ -37,6 +37,26 @@ at scale adds around them:
 
 The run writes, in ``--out``: ``config.json`` (the settings and what they imply),
 ``log.jsonl`` (one JSON object per line, see ``RunLog``) and ``ckpt.safetensors``.
+
+**What it survives.** One run per ``--out`` at a time (``run.lock``, held with
+``fcntl.flock``: the operating system releases it when the process ends, even killed). A
+new run refuses an ``--out`` that holds a run unless ``--resume`` (go on) or ``--overwrite``
+(the old run's files move to ``OUT/previous-<time>/``; nothing is deleted). Ctrl-C or
+SIGTERM stop every process after the step it is in (several processes: at the next log
+row, all at the same step); rank 0 saves a checkpoint and the program exits with one line
+giving the command that resumes (to the same losses as a run never stopped). SIGKILL loses
+the steps since the last checkpoint, never the checkpoint: files are written to a
+temporary name, flushed and renamed. Every flag is checked before anything starts. A loss or weight that is not
+finite stops the run without saving it: the last checkpoint keeps good weights. Checkpoints
+carry a sha256 (``nblib.checkpoint``), so a damaged one is an error, not a silent resume.
+On a CPU, a run estimated to take long says so first (and how to make it short), and a
+line of progress comes at least every 30 s.
+
+**Training longer.** ``--resume --max_steps N``, N larger than before, continues a finished
+(or unfinished) run up to step N. The learning-rate schedule is fixed when a run starts: it
+still ends at the first ``max_steps``, and the steps after it train at ``min_lr`` (where
+the cosine ended), so the steps already taken keep their meaning. For a cosine over N steps,
+start a new run with ``--max_steps N``.
 """
 from __future__ import annotations
 
@@ -47,8 +67,11 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +84,35 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nblib import checkpoint, data, profiling, shards
 from nblib.llama import Llama, LlamaConfig, generate
 from nblib.runmode import is_fast, pick_device, setup
-from nblib.train import TrainConfig, Trainer, lr_at, next_token_loss, resolve_dtype
+from nblib.train import TrainConfig, Trainer, autocast_context, lr_at, next_token_loss, resolve_dtype
+
+try:
+    import fcntl  # file locks; not on Windows, where runs into one --out are not prevented
+except ImportError:
+    fcntl = None
 
 CHECKPOINT = "ckpt.safetensors"  # everything a resume needs, at the last checkpoint step
 BEST = "best.safetensors"        # the weights with the lowest val loss so far
+LOCK = "run.lock"                # held by the run using the folder (its pid inside)
+RUN_FILES = (CHECKPOINT, BEST, "config.json", "log.jsonl")  # what a run writes (moved aside by --overwrite)
+PROGRESS_S = 30.0                # a line on the console at least this often
+LONG_RUN_S = 600.0               # a CPU run estimated longer than this is told how to make it short
+
+
+class UsageError(ValueError):
+    """A flag or an --out folder the program cannot run with; the message says what to do."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights stopped being finite; nothing was saved from then on."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: the run stopped after a step and saved; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 # ---------------------------------------------------------------------------- presets
@@ -94,7 +142,7 @@ class Preset:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0          # max global gradient norm; 0: no clipping (as nanoGPT)
     dtype: str = "auto"             # bfloat16, float16 (with a GradScaler), float32, or auto (run_dtype)
     shuffle: bool = True            # a seeded order of windows, shifted each pass; False: sequential
     seed: int = 1337                # the model's initialisation and the data order
@@ -163,6 +211,40 @@ def accum_steps(preset: Preset, world_size: int) -> int:
     return preset.global_batch // per_micro
 
 
+POSITIVE = ("n_layer", "n_head", "n_embd", "seq_len", "vocab_multiple", "batch_size", "global_batch", "max_steps",
+            "log_interval", "eval_interval", "eval_batches", "ckpt_interval")
+NON_NEGATIVE = ("n_kv_heads", "warmup_steps", "sample_tokens", "seed")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_preset(preset: Preset) -> None:
+    """Raise ``UsageError`` naming every setting out of its range (all of them, in one message)."""
+    p, problems = preset, []
+    problems += [f"--{n} must be >= 1, got {getattr(p, n)}" for n in POSITIVE if getattr(p, n) < 1]
+    problems += [f"--{n} must be >= 0, got {getattr(p, n)}" for n in NON_NEGATIVE if getattr(p, n) < 0]
+    if not (math.isfinite(p.lr) and p.lr > 0):
+        problems.append(f"--lr must be a finite number > 0, got {p.lr}")
+    if not (math.isfinite(p.min_lr) and 0 <= p.min_lr <= max(p.lr, 0)):
+        problems.append(f"--min_lr must be between 0 and --lr ({p.lr}), got {p.min_lr}")
+    if not (math.isfinite(p.weight_decay) and p.weight_decay >= 0):
+        problems.append(f"--weight_decay must be a finite number >= 0, got {p.weight_decay}")
+    problems += [f"--{n} must be in [0, 1), got {getattr(p, n)}" for n in ("beta1", "beta2")
+                 if not 0 <= getattr(p, n) < 1]
+    if not (math.isfinite(p.grad_clip) and p.grad_clip >= 0):
+        problems.append(f"--grad_clip must be a finite number >= 0 (0: no clipping), got {p.grad_clip}")
+    if p.dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {p.dtype!r}")
+    if not p.data.strip():
+        problems.append("--data must name a dataset or a folder of shards, got ''")
+    if not problems:  # with every number in range, the model's own checks
+        try:
+            model_config(p, 1)  # n_embd divisible by n_head, n_head by n_kv_heads, an even head size (RoPE)
+        except ValueError as err:
+            problems.append(f"{err} (set --n_embd, --n_head, --n_kv_heads)")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
 @dataclass
 class RunConfig(TrainConfig):
     """``nblib.train``'s TrainConfig, checked on resume, except for how the step's rows are split
@@ -187,7 +269,7 @@ def train_config(preset: Preset, accum: int, ckpt: Path, dtype: str = "float32")
     p = preset
     return RunConfig(max_steps=p.max_steps, batch_size=p.batch_size, block_size=p.seq_len, grad_accum_steps=accum,
                      lr=p.lr, min_lr=p.min_lr, warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
-                     betas=(p.beta1, p.beta2), grad_clip=p.grad_clip, eval_interval=p.eval_interval,
+                     betas=(p.beta1, p.beta2), grad_clip=p.grad_clip or None, eval_interval=p.eval_interval,
                      eval_batches=p.eval_batches, dtype=dtype, seed=p.seed, checkpoint_path=str(ckpt),
                      checkpoint_interval=p.ckpt_interval, log_interval=p.log_interval)
 
@@ -366,6 +448,7 @@ class RunLog:
         self.path = path
         # a fresh run starts a fresh log; a resumed one goes on with its own
         self.file = open(path, "a" if append else "w", encoding="utf-8") if path is not None else None
+        self.printed = time.monotonic()  # when the console last got a line (see ``heartbeat``)
 
     def write(self, kind: str, **row) -> dict:
         row = {"kind": kind, **row}
@@ -374,8 +457,20 @@ class RunLog:
             self.file.flush()
             line = describe_row(row)
             if line:
-                print(line, flush=True)
+                self.say(line)
         return row
+
+    def say(self, line: str) -> None:
+        """A console line (rank 0), not a log row."""
+        if self.file is not None:
+            print(line, flush=True)
+            self.printed = time.monotonic()
+
+    def heartbeat(self, what) -> None:
+        """``what()`` on the console if nothing was printed for ``PROGRESS_S`` seconds: a long
+        run on a slow device is never silent for minutes."""
+        if self.file is not None and time.monotonic() - self.printed >= PROGRESS_S:
+            self.say(what())
 
     def close(self) -> None:
         if self.file is not None:
@@ -444,6 +539,8 @@ class Options:
     out: Path
     data_dir: str | None = None
     resume: bool = False            # continue from out/ckpt.safetensors if it exists (else start afresh)
+    overwrite: bool = False         # start afresh in an --out that holds a run (moved to out/previous-<time>/)
+    resume_command: str = ""        # the command that resumes this run, said when it is interrupted
     stop_at: int | None = None      # stop (and save) after this step, as if interrupted
     compile: bool | None = None     # None: on CUDA only
     checksums: bool = True          # hash every shard before reading it (~1 s per GB)
@@ -466,10 +563,16 @@ def train_loss(runner: torch.nn.Module):
     return loss_fn
 
 
-def eval_batches(windows: dict[str, shards.Windows], batch_size: int, device: torch.device):
+def eval_batches(windows: dict[str, shards.Windows], batch_size: int, device: torch.device, tick=None):
     """``get_batch(split, generator)`` for ``nblib.train.estimate_loss``: windows drawn with its
-    seeded generator, so every evaluation scores the same batches."""
+    seeded generator, so every evaluation scores the same batches. ``tick(split, n)`` is
+    called before the n-th batch (1, 2, ...) of each split: a long evaluation shows progress."""
+    counts = dict.fromkeys(windows, 0)
+
     def get_batch(split, generator):
+        counts[split] += 1
+        if tick is not None:
+            tick(split, counts[split])
         rows = torch.randint(windows[split].n_windows, (batch_size,), generator=generator).tolist()
         return windows[split].batch(rows, device)
     return get_batch
@@ -520,7 +623,45 @@ def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 def due(done: int, interval: int, last: int) -> bool:
     """Whether something that happens every ``interval`` steps, and after step ``last``, happens now."""
-    return interval > 0 and (done % interval == 0 or done == last)
+    return done % interval == 0 or done == last
+
+
+class StopSignals:
+    """While training, SIGINT (Ctrl-C, a notebook's stop button) and SIGTERM (``kill``, a
+    cluster's scheduler, torchrun passing either on) only record that a stop was asked for:
+    the loop stops after the step it is in and saves. Outside the main thread, where Python
+    cannot catch signals, it does nothing."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.record)
+        return self
+
+    def record(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *_) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class StopEvaluation(Exception):
+    """A stop was asked for during an evaluation: it is cut short (and not logged)."""
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` for a person: "40 s", "12 min", "3 h 10 min", "2 d 3 h"."""
+    minutes, hours, days = seconds / 60, seconds / 3600, seconds / 86400
+    if days >= 1:
+        return f"{int(days)} d {int(hours % 24)} h"
+    if hours >= 1:
+        return f"{int(hours)} h {int(minutes % 60)} min"
+    return f"{minutes:.0f} min" if minutes >= 1 else f"{seconds:.0f} s"
 
 
 class Run:
@@ -553,11 +694,14 @@ class Run:
         # The trainer holds the plain model: what it saves has the names a plain model loads.
         self.ckpt = opts.out / CHECKPOINT
         self.dtype = run_dtype(device, preset.dtype)
-        self.trainer = Trainer(unwrap(self.runner), train_config(preset, self.accum, self.ckpt, self.dtype), device,
+        self.resumed = opts.resume and self.ckpt.is_file()
+        # the lr schedule is the one the run began with, even if --max_steps now goes further
+        self.schedule_steps = self.saved_schedule() if self.resumed else preset.max_steps
+        schedule = dataclasses.replace(preset, max_steps=self.schedule_steps)
+        self.trainer = Trainer(unwrap(self.runner), train_config(schedule, self.accum, self.ckpt, self.dtype), device,
                                preset.tokens_per_step)
         if device.type == "cuda":
             self.trainer.optimizer = fused_adamw(self.trainer.optimizer)
-        self.resumed = opts.resume and self.ckpt.is_file()
         if self.resumed:
             self.resume()
         # measuring and logging
@@ -569,6 +713,12 @@ class Run:
             opts.out.mkdir(parents=True, exist_ok=True)
             (opts.out / "config.json").write_text(json.dumps(self.info(), indent=1))
         self.log = RunLog(opts.out / "log.jsonl" if env.is_main else None, append=self.resumed)
+        self.signals = StopSignals()
+
+    def saved_schedule(self) -> int:
+        """The max_steps of the checkpoint's lr schedule (the run's first --max_steps)."""
+        saved = checkpoint.read_metadata(self.ckpt)["extra"].get("train_config", {})
+        return saved.get("max_steps", self.preset.max_steps)
 
     def resume(self) -> None:
         """Model, optimizer, step, RNG, history and GradScaler from the checkpoint (nblib.train
@@ -578,31 +728,120 @@ class Run:
             raise ValueError(f"{self.ckpt} was trained with another data order ({saved}); this run has "
                              f"{self.identity}. Resuming would not continue the same run: use the same shards, "
                              "global_batch, seq_len and seed, or start afresh in another --out folder")
+        done = self.trainer.steps_done
+        if self.preset.max_steps <= done:
+            raise UsageError(f"{self.ckpt} is at step {done} and --max_steps is {self.preset.max_steps}: nothing "
+                             f"to train. To train longer, pass --resume --max_steps N with N > {done} (the lr "
+                             f"schedule still ends at step {self.schedule_steps}; later steps train at min_lr)")
 
     def train(self) -> dict:
         p, env, trainer = self.preset, self.env, self.trainer
         stop = p.max_steps if self.opts.stop_at is None else min(self.opts.stop_at, p.max_steps)
         self.log.write("start", step=trainer.steps_done, resumed=self.resumed, world_size=env.world_size,
                        accum_steps=self.accum, device=str(env.device), dtype=self.dtype, compile=self.compile)
-        if env.is_main and not self.resumed and p.eval_interval > 0:
-            self.evaluate()  # the untrained model: about ln(vocab_size)
+        if env.is_main and env.device.type == "cpu":
+            self.estimate(stop)
+        try:
+            with self.signals:
+                if env.is_main and not self.resumed:
+                    self.evaluate()  # the untrained model: about ln(vocab_size)
+                if env.world_size == 1 and self.signals.signum is not None:  # stopped during that evaluation
+                    self.interrupted(trainer.steps_done, saved=False)
+                self.steps(stop)
+                return self.finish()
+        finally:
+            self.log.close()
+
+    def steps(self, stop: int) -> None:
+        """Train up to step ``stop``; save every ckpt_interval steps, at ``stop``, and when asked to stop."""
+        p, env, trainer = self.preset, self.env, self.trainer
         loss_fn = train_loss(self.runner)
         pending = []  # each step's loss, still on the device: reading it would wait for the GPU
+        first, started = trainer.steps_done, time.perf_counter()
         for step in range(trainer.steps_done, stop):
             if self.opts.debug and step == trainer.steps_done:
                 self.log_first_rows(step)
-            result = trainer.step(self.micro_batches(step), loss_fn)
+            try:
+                result = trainer.step(self.micro_batches(step), loss_fn)
+            except FloatingPointError as err:  # nblib.train's own look at the losses it read back
+                self.diverged(trainer.steps_done, str(err).split(";")[0])
             pending.append(result["loss"])
             self.speed.steps += 1
             done = trainer.steps_done
+            self.log.heartbeat(lambda: self.progress(done, stop, (time.perf_counter() - started) / (done - first)))
             if due(done, p.log_interval, stop):
                 self.log_train(done, pending, result["grad_norm"])
                 pending = []
             if env.is_main and due(done, p.eval_interval, p.max_steps):
                 self.evaluate()
-            if env.is_main and (done == stop or due(done, p.ckpt_interval, stop)):
-                self.save()
-        return self.finish()
+            stopping = done < stop and self.stop_requested(done)
+            if done == stop or due(done, p.ckpt_interval, stop) or stopping:
+                self.check_weights(done)  # every process: never save weights that are not finite
+                if env.is_main:
+                    self.save()
+            if stopping:
+                self.interrupted(done)
+
+    def stop_requested(self, done: int) -> bool:
+        """Whether a signal asked to stop, agreed by every process: they must stop after the same
+        step. Several processes compare at log rows only (the host waits for the device there anyway)."""
+        if self.env.world_size > 1:
+            if not due(done, self.preset.log_interval, self.preset.max_steps):
+                return False
+            flag = torch.tensor([self.signals.signum or 0], device=self.env.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.signals.signum = int(flag.item()) or None
+        return self.signals.signum is not None
+
+    def interrupted(self, done: int, saved: bool = True) -> None:
+        """After the checkpoint of a stop: every process raises ``Interrupted``, saying how to resume."""
+        name = signal.Signals(self.signals.signum).name
+        self.log.write("stopped", step=done, signal=name, checkpoint=str(self.ckpt) if saved else None)
+        self.log.close()
+        barrier()  # the others wait for rank 0's checkpoint
+        what = f"saved in {self.ckpt}" if saved else "before the first step: nothing to save"
+        raise Interrupted(f"{name}: stopped after step {done} of {self.preset.max_steps}, {what}. "
+                          f"To go on: {self.opts.resume_command}", self.signals.signum)
+
+    def check_weights(self, done: int) -> None:
+        """``TrainingDiverged`` if a weight is NaN or infinite (the same on every process: DDP keeps them equal)."""
+        finite = torch.stack([w.isfinite().all() for w in self.trainer.model.parameters()]).all()
+        if not finite.item():
+            self.diverged(done, f"the weights are no longer finite after step {done}")
+
+    def diverged(self, done: int, what: str) -> None:
+        last = checkpoint.read_metadata(self.ckpt)["step"] if self.ckpt.is_file() else None
+        self.log.write("stopped", step=done, reason=what)
+        kept = (f"{self.ckpt} keeps the weights of step {last}, all finite" if last is not None
+                else "no checkpoint had been saved")
+        raise TrainingDiverged(
+            f"{what}: training stopped, and nothing was saved from step {done} on; {kept}. Start again with a "
+            "lower --lr (or --grad_clip 1 if it is 0), with --overwrite to keep this run's files in "
+            "OUT/previous-<time>/")
+
+    def estimate(self, stop: int) -> None:
+        """Rank 0 on a CPU: time a few forward passes of a micro-batch and, if the run looks long,
+        say how long and how to make it short, before the first evaluation (minutes, on a CPU)."""
+        started = time.perf_counter()
+        x, y, _ = self.micro_batches(self.trainer.steps_done)[0]
+        model, times = unwrap_ddp(self.runner), []
+        with torch.no_grad(), autocast_context(self.env.device, self.dtype):
+            for _ in range(3):
+                begun = time.perf_counter()
+                model(x, y)
+                times.append(time.perf_counter() - begun)
+        forward = min(times[1:])  # the first one warms up
+        steps, step_s = stop - self.trainer.steps_done, 3 * forward * self.accum  # a backward costs ~2 forwards
+        evals = 1 + steps // self.preset.eval_interval
+        total = steps * step_s + evals * 2 * self.preset.eval_batches * forward
+        if total > LONG_RUN_S:
+            self.log.say(f"estimate: {steps:,} steps of about {step_s:.3g} s on this CPU and {evals} evaluations "
+                         f"(timed from forward passes): about {duration(total)}. A GPU-sized run: add --tiny for one "
+                         "of seconds, or shorten it (--max_steps, --n_layer, --n_embd, --seq_len), or use a GPU")
+        self.speed.exclude(time.perf_counter() - started)
+
+    def progress(self, done: int, stop: int, step_s: float) -> str:
+        return f"step {done:6d} of {stop} | {step_s:.3g} s a step | about {duration((stop - done) * step_s)} left"
 
     def micro_batches(self, step: int) -> list[tuple]:
         """This process's micro-batches of ``step``: ``(x, y, last)``, ``last`` for the one that syncs."""
@@ -627,12 +866,26 @@ class Run:
         if self.trainer.scaler is not None:
             row["grad_scale"] = self.trainer.scaler.get_scale()
         self.log.write("train", **row)
+        if not math.isfinite(row["loss"]) and self.trainer.scaler is None:  # float16's scaler skips such steps
+            self.diverged(done, f"the training loss is {row['loss']} at step {done}")  # the same on every process
 
     def evaluate(self) -> None:
         """Mean loss on fixed batches of both splits (rank 0), through the compiled model but not DDP."""
         started = time.perf_counter()
-        get_batch = eval_batches(self.windows, self.preset.batch_size, self.env.device)
-        result = self.trainer.evaluate(get_batch, lambda _model, batch: next_token_loss(unwrap_ddp(self.runner), batch))
+        step, n = self.trainer.steps_done, self.preset.eval_batches
+
+        def tick(split, i):
+            if self.signals.signum is not None:
+                raise StopEvaluation
+            self.log.heartbeat(lambda: f"evaluating at step {step}: {split} batch {i} of {n}")
+
+        get_batch = eval_batches(self.windows, self.preset.batch_size, self.env.device, tick)
+        try:
+            result = self.trainer.evaluate(get_batch,
+                                           lambda _model, batch: next_token_loss(unwrap_ddp(self.runner), batch))
+        except StopEvaluation:
+            self.speed.exclude(time.perf_counter() - started)
+            return
         best = not self.evals or result["val"] < min(self.evals)
         self.evals.append(result["val"])
         if best and self.trainer.steps_done > 0:
@@ -661,7 +914,6 @@ class Run:
                                            self.preset.seed)
                 self.log.write("sample", step=self.trainer.steps_done, prompt=prompt, text=text)
             summary = self.log.write("summary", **self.summary(finished))
-        self.log.close()
         barrier()  # the other processes wait for rank 0's evaluation, sample and checkpoint
         return summary
 
@@ -687,6 +939,7 @@ class Run:
             preset=dataclasses.asdict(p), model=dataclasses.asdict(model.config),
             params=model.num_params(), params_without_embeddings=model.num_params(exclude_embeddings=True),
             flops_per_token=self.flops_per_token, world_size=env.world_size, accum_steps=self.accum,
+            schedule_steps=self.schedule_steps,
             tokens_per_step=p.tokens_per_step, tokens_total=p.tokens_per_step * p.max_steps,
             passes_over_data=p.tokens_per_step * p.max_steps / train_tokens,
             devices_in_peak=env.devices, device=str(env.device), device_name=(torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
@@ -755,7 +1008,9 @@ def launch(args: list[str], processes: int = 1, echo: bool = True) -> None:
                 if echo:
                     print(line, end="", flush=True)
         except KeyboardInterrupt:  # the notebook's stop button: stop the run too, not only the reading
-            proc.terminate()
+            proc.terminate()  # SIGTERM: the run saves a checkpoint and says how to resume
+            for line in proc.stdout:
+                print(line, end="", flush=True)
             proc.wait()
             raise
         code = proc.wait()
@@ -796,7 +1051,17 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_int(text: str) -> int:
-    return int(text.replace("_", ""))
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number (1_000 is fine), got {text!r}") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (3e-4 is fine), got {text!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -806,7 +1071,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="the preset's tiny form: seconds on a CPU (also NBLIB_FAST=1)")
     p.add_argument("--out", help="folder for config.json, log.jsonl and ckpt.safetensors (default runs/PRESET)")
     p.add_argument("--data-dir", help="the shard folder (default: ~/.cache/nblib/shards/DATA, or NBLIB_CACHE_DIR)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.safetensors if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/ckpt.safetensors (if there is none: start afresh, and say so); "
+                        "with a larger --max_steps, train a finished run longer (the lr schedule still ends at "
+                        "the first max_steps; later steps train at min_lr)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds a run: its files move to OUT/previous-<time>/")
     p.add_argument("--stop-at", type=_parse_int,
                    help="stop and save after this step, as if interrupted (the schedule still ends at max_steps)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -820,7 +1090,7 @@ def parser() -> argparse.ArgumentParser:
     fields = p.add_argument_group("preset fields (override the preset)")
     for f in dataclasses.fields(Preset):
         kind = type(f.default)
-        parse = {bool: _parse_bool, int: _parse_int}.get(kind, kind)
+        parse = {bool: _parse_bool, int: _parse_int, float: _parse_float}.get(kind, kind)
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         fields.add_argument(*names, dest=f.name, type=parse, default=None, metavar=kind.__name__.upper(),
                             help=f"default: the preset's (shakespeare-char: {f.default})")
@@ -835,19 +1105,142 @@ def preset_from_args(args: argparse.Namespace) -> Preset:
     return dataclasses.replace(preset, **overrides)
 
 
+def check_args(args: argparse.Namespace, preset: Preset) -> None:
+    """``UsageError`` for any flag the run cannot start with, before anything starts."""
+    check_preset(preset)
+    if args.stop_at is not None and args.stop_at < 1:
+        raise UsageError(f"--stop-at must be >= 1, got {args.stop_at}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite starts a new one: pass one of them")
+    for flag, path in (("--out", args.out), ("--data-dir", args.data_dir)):
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise UsageError(f"{flag} {path} is a file; pass a folder")
+    if args.measured and Path(args.measured).is_dir():
+        raise UsageError(f"--measured {args.measured} is a folder; pass a .json file name")
+    if args.device:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: this machine has no CUDA GPU that torch can use")
+
+
+def lock_out(out: Path):
+    """Hold ``out/run.lock`` until the returned file is closed (or the process ends, however it
+    ends: the operating system drops a dead process's locks, so a crash leaves no stale lock)."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK, "a+", encoding="utf-8")
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise UsageError(f"another run is using {out} (process {holder} holds {out / LOCK}): wait for it to "
+                             "end or stop it, or pass another --out") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def run_files_to_move(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """The files of an earlier run in ``out`` that must move aside before this one starts ([] if
+    none). ``UsageError`` if this run would replace a run without --resume or --overwrite."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    if not held or (resume and (out / CHECKPOINT).is_file()):
+        return []
+    if not (resume or overwrite):
+        try:
+            at = f", at step {checkpoint.read_metadata(out / CHECKPOINT)['step']}"
+        except (OSError, ValueError):
+            at = ""
+        raise UsageError(f"{out} holds a run ({', '.join(held)}{at}): pass --resume to continue it, --overwrite "
+                         f"to start afresh (its files move to {out}/previous-<time>/; nothing is deleted), or "
+                         "another --out")
+    return held
+
+
+def move_aside(out: Path, names: list[str]) -> Path:
+    """Move the files ``names`` of ``out`` into a new ``out/previous-<time>/``."""
+    aside = out / time.strftime("previous-%Y%m%d-%H%M%S")
+    n = 1
+    while aside.exists():
+        aside, n = aside.with_name(time.strftime("previous-%Y%m%d-%H%M%S") + f"-{n}"), n + 1
+    aside.mkdir()
+    for name in names:
+        os.replace(out / name, aside / name)
+    return aside
+
+
+def prepare_out(out: Path, args: argparse.Namespace, env: Env):
+    """Lock ``out`` (rank 0), refuse it if it holds a run this one would replace, move an earlier
+    run aside for --overwrite, and remove what a killed save left. Returns the lock (or None)."""
+    lock = lock_out(out) if env.is_main else None
+    try:
+        to_move = run_files_to_move(out, args.resume, args.overwrite)  # every process: all refuse, or none
+        barrier()
+        if env.is_main:
+            if args.resume and not (out / CHECKPOINT).is_file():
+                print(f"--resume: no checkpoint in {out}, so this run starts afresh at step 0", flush=True)
+            if to_move:
+                print(f"the earlier run's files ({', '.join(to_move)}) moved to {move_aside(out, to_move)}",
+                      flush=True)
+            for name in (CHECKPOINT, BEST):  # temporary files of a save that was killed (we hold the lock)
+                (out / f"{name}.tmp").unlink(missing_ok=True)
+        barrier()
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return lock
+
+
+def resume_command(argv: list[str], env: Env) -> str:
+    """The command that resumes this run: the same arguments, with --resume instead of
+    --overwrite and --stop-at."""
+    args, drop_next = [], False
+    for a in argv:
+        if drop_next:
+            drop_next = False
+        elif a == "--stop-at":
+            drop_next = True  # and its value
+        elif a not in ("--resume", "--overwrite") and not a.startswith("--stop-at="):
+            args.append(a)
+    args = shlex.join(args + ["--resume"])
+    if env.world_size == 1:
+        try:  # the Python that runs us, e.g. .venv/bin/python
+            python = str(Path(sys.executable).relative_to(Path.cwd()))
+        except ValueError:
+            python = "python"
+        return f"{shlex.quote(python)} -m nblib.pretrain {args}"
+    if env.world_size == env.local_world_size:
+        return f"torchrun --standalone --nproc_per_node={env.local_world_size} -m nblib.pretrain {args}"
+    return f"torchrun (this run's --nnodes, --nproc_per_node and --rdzv options) -m nblib.pretrain {args}"
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the program with command-line ``argv`` (default: ``sys.argv``); return the summary row."""
+    """Run the program with command-line ``argv`` (default: ``sys.argv``); return the summary row.
+    Ctrl-C or SIGTERM during training save a checkpoint and raise ``Interrupted``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     preset = preset_from_args(args)
+    check_args(args, preset)
     small = args.tiny or is_fast()
     out = Path(args.out or f"runs/{args.preset}{'-tiny' if small else ''}")
-    opts = Options(out=out, data_dir=args.data_dir, resume=args.resume, stop_at=args.stop_at, compile=args.compile,
-                   checksums=args.checksums, debug=args.debug)
     env = init_distributed(args.device)
+    opts = Options(out=out, data_dir=args.data_dir, resume=args.resume, stop_at=args.stop_at, compile=args.compile,
+                   checksums=args.checksums, debug=args.debug, overwrite=args.overwrite,
+                   resume_command=resume_command(argv, env))
     # Tiny models on a CPU run on one thread, as nblib.setup does in FAST mode: a second
     # thread only adds synchronisation. The caller's thread count comes back afterwards.
     one_thread = 1 if small and env.device.type == "cpu" else None
+    lock = None
     try:
+        lock = prepare_out(out, args, env)
         with profiling.threads(one_thread):
             setup(seed=preset.seed, device=str(env.device), quiet=not env.is_main)
             summary = run(preset, opts, env)
@@ -856,9 +1249,32 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.measured).write_text(json.dumps(measurement(out, args.preset), indent=1))
         return summary
     finally:
+        if lock is not None:
+            lock.close()  # releases the flock
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def cli() -> None:
+    """``python -m nblib.pretrain``: ``main()``, with what a user can fix said in one line
+    instead of a traceback, and the exit status of the signal for an interrupted run."""
+    rank = os.environ.get("RANK", "0")
+    who = "" if rank == "0" else f"[rank {rank}] "
+    try:
+        main()
+    except Interrupted as stop:
+        if rank == "0":
+            print(stop, file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:  # before the steps began (handlers are set around them) or after
+        sys.exit(f"{who}interrupted outside the training steps: the checkpoint in --out is as it was")
+    except UsageError as err:
+        print(f"{who}error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (TrainingDiverged, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        print(f"{who}error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,7 +15,10 @@ plain files of little-endian uint16 token ids (GPT-2's 50,257 ids fit in 2 bytes
 
 The manifest is written last: a folder without one is an unfinished ``prepare``. The
 reader (``TokenShards``) checks every shard against it (present, the right size, the
-right sha256) and says what is wrong and what to do.
+right sha256) and says what is wrong and what to do. ``prepare`` writes into a temporary
+folder beside ``--out`` and puts it in place only once it is complete and checked: a
+failed prepare (a typo in ``--source``, no network, Ctrl-C) leaves the shards already
+there as they were, and no temporary folder.
 
 **The order of the training windows** (``Windows``) is a fixed function of a row number,
 so that any process can compute its own rows without talking to the others, and a
@@ -42,6 +45,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -179,6 +183,9 @@ def check_shards(folder: str | Path, manifest: dict | None = None, split: str | 
         path = folder / shard["file"]
         if not path.is_file():
             raise FileNotFoundError(f"shard {shard['file']} (listed in {folder / MANIFEST}) is missing; {hint}")
+        if not isinstance(shard.get("tokens"), int) or shard["tokens"] < 1:
+            raise ValueError(f"shard {shard['file']} is listed in {folder / MANIFEST} with {shard.get('tokens')!r} "
+                             f"tokens; every shard holds at least one; {hint}")
         size, want = path.stat().st_size, shard["tokens"] * TOKEN_DTYPE.itemsize
         if size != want:
             what = "truncated" if size < want else "longer than written"
@@ -214,6 +221,9 @@ class TokenShards:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the stream as int64, across shard boundaries."""
+        if length < 1:
+            raise ValueError(f"read({start}, {length}) of {self.folder}'s {self.split!r} split asks for no tokens: "
+                             "the length must be >= 1 (a window of seq_len + 1 tokens, with seq_len >= 1)")
         if start < 0 or start + length > len(self):
             raise IndexError(f"tokens [{start}, {start + length}) are outside 0..{len(self)}")
         pieces, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -291,7 +301,10 @@ class Windows:
 
     def rows(self, rows: Iterable[int]) -> np.ndarray:
         """The windows of ``rows`` as an int64 array [len(rows), seq_len + 1]."""
-        return np.stack([self.tokens.read(self.start(k), self.seq_len + 1) for k in rows])
+        windows = [self.tokens.read(self.start(k), self.seq_len + 1) for k in rows]
+        if not windows:
+            raise ValueError("rows() needs at least one row number (a batch of 0 rows reads nothing)")
+        return np.stack(windows)
 
     def batch(self, rows: Iterable[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` for ``rows`` on ``device``: inputs and the same windows shifted by one."""
@@ -449,31 +462,105 @@ def prepare_hf(folder: str | Path, source: str | Path = "fineweb-edu", tokens: i
 def prepare(source: str, folder: str | Path, tokens: int | None = None, val_tokens: int | None = None,
             shard_tokens: int = 100_000_000) -> dict:
     """Prepare ``source`` into ``folder``: "shakespeare-char" / "shakespeare-gpt2" (packaged, 90/10
-    split), "fineweb-edu" or a local path (``prepare_hf``). Returns the manifest."""
-    if source in PACKAGED_SOURCES:
-        if tokens is not None or val_tokens is not None:
-            raise ValueError(f"{source} is tinyshakespeare, all of it (90% train, 10% val): "
-                             "--tokens and --val-tokens do not apply")
-        return prepare_text(data.read_text("tinyshakespeare"), folder, PACKAGED_SOURCES[source],
-                            shard_tokens=shard_tokens, source=source)
-    return prepare_hf(folder, source, tokens, 10_000_000 if val_tokens is None else val_tokens, shard_tokens)
+    split), "fineweb-edu" or a local path (``prepare_hf``). Returns the manifest.
+
+    The shards are written into a temporary folder beside ``folder`` and checked (both splits
+    there, every size and sha256 as the manifest says); only then do they replace the shards
+    ``folder`` held. On any failure the temporary folder is removed and ``folder`` is untouched.
+    A ``folder`` holding anything but shards is refused before any work: nothing else is replaced."""
+    folder = Path(folder)
+    _check_only_shards(folder)
+    tmp, manifest = _prepare_beside(source, folder, tokens, val_tokens, shard_tokens)
+    try:
+        _swap_in(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already, unless the swap failed
+    return manifest
+
+
+def _prepare_beside(source: str, folder: Path, tokens: int | None, val_tokens: int | None,
+                    shard_tokens: int) -> tuple[Path, dict]:
+    """(temporary folder beside ``folder``, manifest): ``source``'s shards, complete and checked.
+    Beside, so that the final rename stays on one filesystem (and so is atomic)."""
+    if val_tokens is not None and val_tokens < 1:
+        raise ValueError(f"--val-tokens must be >= 1 (the run evaluates on them), got {val_tokens}")
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {tokens}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # a stale one of an earlier process with our pid
+    try:
+        if source in PACKAGED_SOURCES:
+            if tokens is not None or val_tokens is not None:
+                raise ValueError(f"{source} is tinyshakespeare, all of it (90% train, 10% val): "
+                                 "--tokens and --val-tokens do not apply")
+            manifest = prepare_text(data.read_text("tinyshakespeare"), tmp, PACKAGED_SOURCES[source],
+                                    shard_tokens=shard_tokens, source=source)
+        else:
+            manifest = prepare_hf(tmp, source, tokens, 10_000_000 if val_tokens is None else val_tokens,
+                                  shard_tokens)
+        for split in SPLITS:  # read back from the disk: both splits there, sizes and sha256 right
+            TokenShards(tmp, split)
+    except BaseException:  # an error or Ctrl-C: no half-written folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, manifest
+
+
+def _is_shard_file(name: str) -> bool:
+    split, _, rest = name.partition("_")
+    return name in (MANIFEST, MANIFEST + ".tmp") or (split in SPLITS and rest[:-4].isdigit()
+                                                     and rest.endswith(".bin"))
+
+
+def _check_only_shards(folder: Path) -> None:
+    """Refuse a ``folder`` that holds anything but shards: replacing it would lose those files."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {folder} is a file; pass a folder (new or holding shards)")
+    others = sorted(p.name for p in folder.iterdir() if not _is_shard_file(p.name)) if folder.is_dir() else []
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(f"{folder} holds files that are not shards ({shown}); prepare into a new or empty "
+                              "folder (--out), so that nothing of yours is replaced")
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Put the finished shards ``tmp`` in place of ``folder``. The old shards are moved aside
+    first and deleted only once the new ones are in place."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    if not folder.exists():
+        os.rename(tmp, folder)
+        return
+    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+    os.rename(folder, old)
+    try:
+        os.rename(tmp, folder)
+    except BaseException:
+        os.rename(old, folder)  # put the old ones back
+        raise
+    shutil.rmtree(old)
 
 
 def ensure_prepared(source: str, folder: str | Path) -> Path:
     """``folder`` with shards of ``source``, preparing them first if it has none.
 
     Prepared into a temporary sibling and renamed, so that two processes doing this at
-    once (two machines sharing a disk) never read or write a half-written folder."""
+    once (two machines sharing a disk) never read or write a half-written folder: the
+    first to finish wins, the other's copy is thrown away."""
     folder = Path(folder)
     if (folder / MANIFEST).is_file():
         return folder
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    prepare(source, tmp)
+    _check_only_shards(folder)
+    tmp, _ = _prepare_beside(source, folder, None, None, 100_000_000)
     try:
-        os.rename(tmp, folder)  # fails if another process got there first (or a stale folder is in the way)
+        os.rename(tmp, folder)  # replaces an empty folder; fails on a full one
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        read_manifest(folder)  # theirs must be complete; if not, say so
+        if not (folder / MANIFEST).is_file():  # not another process's shards: an unfinished prepare's files
+            _swap_in(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours, if another process got there first
+    read_manifest(folder)
     return folder
 
 
@@ -507,4 +594,9 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the shards in --out (if any) are as they were")
+    except (OSError, ValueError, ImportError, RuntimeError) as err:  # what a user can fix: one line, no traceback
+        sys.exit(f"error: {err}")

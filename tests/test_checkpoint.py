@@ -1,13 +1,16 @@
-"""nblib.checkpoint: safetensors round trips, tied weights, RNG states, config mismatch."""
+"""nblib.checkpoint: safetensors round trips, tied weights, RNG states, config mismatch, checksums
+(a flipped bit is an error) and saves that fail without leaving files behind."""
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from nblib.checkpoint import ConfigMismatchError, load_checkpoint, load_model, read_metadata, save_checkpoint
+from nblib.checkpoint import (ConfigMismatchError, CorruptCheckpointError, load_checkpoint, load_model, read_metadata,
+                              save_checkpoint)
 from nblib.gpt import GPT, GPTConfig
 from nblib.train import TrainConfig, configure_optimizer
 
@@ -136,6 +139,7 @@ def test_a_checkpoint_from_before_a_config_field_existed_still_loads(tmp_path):
     for field in ("bos_token_id", "eos_token_id"):
         del config["fields"][field]
     old = tmp_path / "old.safetensors"
+    del meta["sha256"]  # older files have no checksum either
     save_file(load_file(str(path)), str(old), metadata={**meta, "config": json.dumps(config)})
     load_checkpoint(old, GPT(CFG))
     assert load_model(old).config == CFG
@@ -151,3 +155,52 @@ def test_a_hugging_face_folder_is_pointed_to_load_hf(tmp_path):
     with pytest.raises(ValueError, match="load its folder with nblib.gpt.load_hf or nblib.llama.load_hf"):
         load_checkpoint(tmp_path / "hf" / "model.safetensors", GPT(CFG))
     assert load_hf(tmp_path / "hf").config == CFG
+
+
+def test_a_flipped_bit_anywhere_is_an_error_not_silent_weights(tmp_path):
+    model, opt = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, opt, step=3)
+    good = path.read_bytes()
+    header = 8 + int.from_bytes(good[:8], "little")
+    # bytes spread over the header (names, offsets, metadata) and over the tensors
+    positions = list(range(0, header, header // 150)) + list(range(header, len(good), (len(good) - header) // 150))
+    silent = []
+    for i in positions:
+        bad = bytearray(good)
+        bad[i] ^= 1 << (i % 8)
+        path.write_bytes(bytes(bad))
+        try:
+            load_checkpoint(path, GPT(CFG), configure_optimizer(GPT(CFG), TrainConfig(lr=1e-2)))
+        except ValueError:  # CorruptCheckpointError, or safetensors' own refusal, named and explained
+            continue
+        silent.append(i)
+    assert silent == []
+    path.write_bytes(good[: header + 50] + bytes([good[header + 50] ^ 4]) + good[header + 51:])
+    with pytest.raises(CorruptCheckpointError, match=r"ck.safetensors is corrupt: .*sha256.*not loaded"):
+        load_model(path)
+
+
+def test_a_failed_save_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    model, _ = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, step=1)
+    before = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        Path(args[1]).write_bytes(b"half")  # a partial file, as a full disk or Ctrl-C would leave
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("nblib.checkpoint.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, model, step=2)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ck.safetensors"]
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model)
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=meta)
+    assert load_model(tmp_path / "old.safetensors").config == CFG

@@ -1,12 +1,17 @@
 """nblib.pretrain on the CPU: tiny runs of the real program (in-process, and under torchrun with
 2 gloo processes), exact resume, checkpoints of wrapped models, MFU by hand, the float16 path,
-and the errors a user meets."""
+the errors a user meets, and the faults a run survives: Ctrl-C and SIGTERM (also under torchrun),
+a second run into the same --out, a non-finite loss, a flipped bit, an --out holding a run."""
 import json
 import math
 import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -81,7 +86,8 @@ def test_presets_are_the_runs_they_claim():
 
 def test_tiny_run_writes_its_log_config_checkpoint_and_sample(straight):
     out, log = straight
-    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "ckpt.safetensors", "config.json", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "ckpt.safetensors", "config.json", "log.jsonl",
+                                                  "run.lock"]
     assert [r["step"] for r in rows(log, "train")] == list(range(1, 9))
     assert [r["step"] for r in rows(log, "eval")] == [0, 4, 8]
     first, last = rows(log, "eval")[0], rows(log, "eval")[-1]
@@ -171,7 +177,8 @@ def test_two_processes_under_torchrun_match_one(char_data, tmp_path):
     assert one["rows"] == [list(range(8))] and one["window_starts"][0] == debug["window_starts"][0]
     # only rank 0 wrote: one row per step, one start, the three files, each line printed once
     assert len(rows(log, "train")) == 6 and len(rows(log, "start")) == 1 and len(rows(log, "summary")) == 1
-    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "ckpt.safetensors", "config.json", "log.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "ckpt.safetensors", "config.json", "log.jsonl",
+                                                  "run.lock"]
     assert proc.stdout.count("step      1 | loss") == 1 and proc.stdout.count("summary:") == 1
 
 
@@ -301,7 +308,9 @@ def test_clear_errors(straight, char_data, tmp_path):
     with pytest.raises(ValueError, match="another data order"):
         resume_with("--global_batch", "32")
     with pytest.raises(ValueError, match="another TrainConfig"):
-        resume_with("--max_steps", "20")
+        resume_with("--lr", "3e-4")
+    with pytest.raises(ValueError, match="is at step 8 and --max_steps is 8: nothing to train"):
+        resume_with()
     out = tmp_path / "truncated"
     out.mkdir()
     (out / "ckpt.safetensors").write_bytes(ckpt.read_bytes()[:-100])
@@ -316,3 +325,259 @@ def test_clear_errors(straight, char_data, tmp_path):
         run(tmp_path / "y", broken)
     with pytest.raises(ValueError, match="not a multiple"):
         run(tmp_path / "z", char_data, "--global_batch", "12")
+
+
+# ---------------------------------------------------------------------------- faults: signals, NaN, bits, folders
+
+def test_ctrl_c_saves_and_resuming_with_the_command_it_gives_equals_the_uninterrupted_run(
+        straight, char_data, tmp_path, monkeypatch):
+    _, uninterrupted = straight
+    real = pretrain.Run.micro_batches
+
+    def ctrl_c_during_step_4(self, step):
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)  # as a terminal's Ctrl-C: the handler only records it
+        return real(self, step)
+
+    monkeypatch.setattr(pretrain.Run, "micro_batches", ctrl_c_during_step_4)
+    argv = ["--preset", "shakespeare-char", "--tiny", "--out", str(tmp_path), "--data-dir", str(char_data)]
+    with pytest.raises(pretrain.Interrupted) as stop:
+        pretrain.main(argv)
+    monkeypatch.undo()
+    assert stop.value.signum == signal.SIGINT and isinstance(stop.value, KeyboardInterrupt)
+    message = str(stop.value)
+    assert message.startswith(f"SIGINT: stopped after step 4 of 8, saved in {tmp_path / 'ckpt.safetensors'}")
+    command = shlex.split(message.split("To go on: ")[1])
+    assert command[1:3] == ["-m", "nblib.pretrain"] and command[3:] == argv + ["--resume"]
+    assert checkpoint.read_metadata(tmp_path / "ckpt.safetensors")["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    log = run(tmp_path, char_data, "--resume")  # what the message says to run
+    assert rows(log, "stopped")[0]["step"] == 4 and losses(log) == losses(uninterrupted)  # bit for bit
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def wait_for_step(out, proc, step, seconds=120):
+    """Wait until the run in ``proc`` has logged a train row at ``step`` or later."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if (out / "log.jsonl").is_file():
+            done = [r["step"] for r in read_log_partial(out) if r["kind"] == "train"]
+            if done and done[-1] >= step:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no step {step} in {seconds} s")
+
+
+def read_log_partial(out):
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+LONG = ["--preset", "shakespeare-char", "--tiny", "--max_steps", "3000", "--eval_interval", "1000", "--ckpt_interval",
+        "1000"]  # minutes at full speed: time enough to be interrupted
+
+
+def test_sigterm_and_a_second_run_into_the_same_out(char_data, tmp_path):
+    out = tmp_path / "run"
+    args = [*LONG, "--data-dir", str(char_data), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "nblib.pretrain", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NBLIB_PROGRESS": "0"})
+    try:
+        wait_for_step(out, proc, 3)
+        with pytest.raises(pretrain.UsageError, match=r"another run is using .*run.lock"):
+            pretrain.main(args)  # a second run into the same --out, while the first runs
+        with pytest.raises(pretrain.UsageError, match="another run is using"):
+            pretrain.main([*args, "--overwrite"])
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    stopped = rows(read_log(out), "stopped")[0]["step"]
+    assert stderr.splitlines() == [stderr.strip()] and "Traceback" not in stderr + stdout
+    assert stderr.startswith(f"SIGTERM: stopped after step {stopped} of 3000") and "--resume" in stderr
+    assert checkpoint.read_metadata(out / "ckpt.safetensors")["step"] == stopped
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.safetensors", "config.json", "log.jsonl", "run.lock"]
+    # resumed for two more steps, it equals a run that was never stopped
+    log = run(out, char_data, *LONG[3:], "--resume", "--stop-at", str(stopped + 2))
+    straight = run(tmp_path / "straight", char_data, *LONG[3:], "--stop-at", str(stopped + 2))
+    assert losses(log) == losses(straight)
+
+
+def test_ctrl_c_under_torchrun_saves_once_and_resumes(char_data, tmp_path):
+    out = tmp_path / "ddp"
+    args = [*LONG, "--data-dir", str(char_data), "--out", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nblib.pretrain"]
+    proc = subprocess.Popen(cmd + args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "NBLIB_PROGRESS": "0"})
+    try:
+        wait_for_step(out, proc, 3)
+        proc.send_signal(signal.SIGINT)  # torchrun passes it on to both processes
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    log = read_log(out)
+    stopped = rows(log, "stopped")
+    assert len(stopped) == 1 and "SIGINT: stopped after step" in output, output[-3000:]
+    step = stopped[0]["step"]
+    assert checkpoint.read_metadata(out / "ckpt.safetensors")["step"] == step
+    assert output.count("To go on: torchrun --standalone --nproc_per_node=2 -m nblib.pretrain") == 1
+    resumed = run(out, char_data, *LONG[3:], "--resume", "--stop-at", str(step + 1))  # on one process
+    straight = run(tmp_path / "one", char_data, *LONG[3:], "--stop-at", str(step + 1))
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-4)
+
+
+def test_a_non_finite_loss_or_weight_stops_without_saving_it(char_data, tmp_path, monkeypatch):
+    real = pretrain.train_loss
+
+    def poisoned_from(step):
+        def train_loss(runner):
+            loss_fn = real(runner)
+
+            def poisoned(model, batch):
+                loss = loss_fn(model, batch)
+                return loss * float("nan") if calls.append(1) or len(calls) > 2 * step else loss
+            calls = []
+            return poisoned
+        return train_loss
+
+    monkeypatch.setattr(pretrain, "train_loss", poisoned_from(4))  # steps 1-4 fine (2 micro-batches each)
+    with pytest.raises(pretrain.TrainingDiverged, match=r"the training loss is nan at step 5 .*"
+                       r"ckpt.safetensors keeps the weights of step 4, all finite.*lower --lr"):
+        run(tmp_path / "a", char_data)
+    model = checkpoint.load_model(tmp_path / "a" / "ckpt.safetensors")
+    assert checkpoint.read_metadata(tmp_path / "a" / "ckpt.safetensors")["step"] == 4
+    assert all(torch.isfinite(w).all() for w in model.parameters())
+    monkeypatch.setattr(pretrain, "train_loss", poisoned_from(2))  # logged every 8 steps: the weights show it
+    with pytest.raises(pretrain.TrainingDiverged, match="weights are no longer finite after step 4: .*no checkpoint"):
+        run(tmp_path / "b", char_data, "--log_interval", "8")
+    assert not (tmp_path / "b" / "ckpt.safetensors").exists()
+
+
+def test_a_flipped_bit_in_the_checkpoint_is_named(straight, char_data, tmp_path):
+    good = (straight[0] / "ckpt.safetensors").read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 8  # inside the weights
+    (tmp_path / "ckpt.safetensors").write_bytes(bytes(bad))
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"ckpt.safetensors is corrupt.*sha256"):
+        run(tmp_path, char_data, "--resume", "--max_steps", "9")
+
+
+def test_out_holding_a_run_is_refused_overwrite_moves_it_aside(straight, char_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(out, char_data, "--stop-at", "2")
+    (out / "notes.txt").write_text("mine")
+    (out / "ckpt.safetensors.tmp").write_bytes(b"left by a save that was killed")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(pretrain.UsageError, match=r"holds a run \(ckpt.safetensors, config.json, "
+                                                  r"log.jsonl, at step 2\): pass --resume .* --overwrite"):
+        run(out, char_data)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    with pytest.raises(pretrain.UsageError, match="pass one of them"):
+        run(out, char_data, "--resume", "--overwrite")
+    log = run(out, char_data, "--overwrite")
+    aside = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(aside) == 1 and "moved to" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == {
+        k: v for k, v in before.items() if k in pretrain.RUN_FILES}
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "ckpt.safetensors.tmp").exists()
+    assert losses(log) == losses(straight[1])  # a new run from step 0
+    fresh = tmp_path / "fresh"
+    run(fresh, char_data, "--resume", "--max_steps", "2")
+    assert "--resume: no checkpoint in" in capsys.readouterr().out
+    with pytest.raises(pretrain.UsageError, match="is a file"):
+        run(out / "notes.txt", char_data)
+
+
+def test_resume_with_a_larger_max_steps_trains_longer_at_min_lr(straight, char_data, tmp_path):
+    shutil.copy(straight[0] / "ckpt.safetensors", tmp_path / "ckpt.safetensors")
+    log = run(tmp_path, char_data, "--resume", "--max_steps", "12")
+    train = rows(log, "train")
+    assert [r["step"] for r in train] == [9, 10, 11, 12] and rows(log, "summary")[0]["finished"]
+    assert all(r["lr"] == pytest.approx(pretrain.tiny(pretrain.PRESETS["shakespeare-char"]).min_lr) for r in train)
+    assert json.loads((tmp_path / "config.json").read_text())["schedule_steps"] == 8
+    assert checkpoint.read_metadata(tmp_path / "ckpt.safetensors")["step"] == 12
+    log = run(tmp_path, char_data, "--resume", "--max_steps", "14")  # and again
+    assert [r["step"] for r in rows(log, "train")][-2:] == [13, 14]
+
+
+def test_a_long_cpu_run_is_estimated_and_never_silent(char_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pretrain, "LONG_RUN_S", 0.0)
+    monkeypatch.setattr(pretrain, "PROGRESS_S", 0.0)
+    run(tmp_path, char_data, "--max_steps", "2", "--log_interval", "2")
+    out = capsys.readouterr().out
+    assert re.search(r"estimate: 2 steps of about [0-9.e-]+ s on this CPU and 1 evaluations .*: about \d+ s\. .*"
+                     "--tiny", out)
+    assert "evaluating at step 0: train batch 2 of 2" in out
+    assert re.search(r"step      1 of 2 \| [0-9.e-]+ s a step \| about \d+ s left", out)
+    assert pretrain.duration(2 * 86400 + 3 * 3600 + 5) == "2 d 3 h" and pretrain.duration(3900) == "1 h 5 min"
+
+
+BAD_FLAGS = [  # (arguments, what the error must say)
+    *[(["--" + name, "0"], f"--{name} must be >= 1") for name in pretrain.POSITIVE],
+    *[(["--" + name, "-1"], f"--{name} must be >= 0") for name in pretrain.NON_NEGATIVE],
+    (["--max_steps", "-5"], "--max_steps must be >= 1"),
+    (["--lr", "0"], "--lr must be a finite number > 0"), (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"), (["--lr=-1e-3"], "--lr must be a finite number > 0"),
+    (["--min_lr", "-1"], "--min_lr must be between 0 and --lr"), (["--min_lr", "1"], "--min_lr must be between 0"),
+    (["--weight_decay", "-0.1"], "--weight_decay must be"), (["--weight_decay", "nan"], "--weight_decay must be"),
+    (["--beta1", "1"], "--beta1 must be in"), (["--beta2", "-0.5"], "--beta2 must be in"),
+    (["--grad_clip", "-1"], "--grad_clip must be a finite number >= 0"), (["--grad_clip", "inf"], "--grad_clip must"),
+    (["--dtype", "float64"], "--dtype must be one of"), (["--data", " "], "--data must name"),
+    (["--n_embd", "60", "--n_head", "7"], "n_embd=60 must be divisible by n_head=7"),
+    (["--n_kv_heads", "3", "--n_head", "2"], "must be a multiple of n_kv_heads=3"),
+    (["--n_embd", "66", "--n_head", "2"], "RoPE"),
+    (["--stop-at", "0"], "--stop-at must be >= 1"), (["--device", "gpu"], "--device 'gpu' is not a device"),
+    (["--resume", "--overwrite"], "pass one of them"),
+]
+ARGPARSE_BAD = [(["--max_steps", "1.5"], "expected a whole number"), (["--lr", "fast"], "expected a number"),
+                (["--shuffle", "maybe"], "expected true or false"), (["--preset", "gpt5"], "invalid choice"),
+                (["--max_steps"], "expected one argument")]
+
+
+@pytest.mark.parametrize("args, message", BAD_FLAGS)
+def test_every_flag_is_checked_before_anything_starts(args, message, tmp_path):
+    with pytest.raises(pretrain.UsageError, match=re.escape(message)):
+        pretrain.main(["--preset", "shakespeare-char", "--tiny", "--out", str(tmp_path / "o"), *args])
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args, message", ARGPARSE_BAD)
+def test_unparseable_flags_name_themselves(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        pretrain.main(["--preset", "shakespeare-char", "--tiny", "--out", str(tmp_path), *args])
+    assert message in capsys.readouterr().err
+
+
+def test_the_command_line_says_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nblib.pretrain", "--preset", "shakespeare-char", "--tiny",
+                           "--out", str(tmp_path), "--lr", "inf", "--ckpt_interval", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "--lr must be a finite number > 0" in proc.stderr and "--ckpt_interval must be >= 1" in proc.stderr
+
+
+def test_ctrl_c_during_the_first_evaluation_stops_before_any_step(char_data, tmp_path, monkeypatch):
+    real = pretrain.eval_batches
+
+    def ctrl_c_in_eval(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "eval_batches", ctrl_c_in_eval)
+    with pytest.raises(pretrain.Interrupted, match="stopped after step 0 of 8, before the first step: nothing to save"):
+        run(tmp_path, char_data)
+    assert not rows(read_log(tmp_path), "eval") and not (tmp_path / "ckpt.safetensors").exists()
+    monkeypatch.undo()
+    log = run(tmp_path, char_data, "--resume")  # the command it gives: starts afresh (no checkpoint)
+    assert rows(log, "summary")[0]["finished"]
+
+
+def test_the_resume_command_drops_stop_at_and_overwrite():
+    one, two = pretrain.Env(torch.device("cpu")), pretrain.Env(torch.device("cpu"), world_size=2, local_world_size=2)
+    argv = ["--preset", "gpt2-124m", "--stop-at", "5", "--overwrite", "--out", "my runs/a", "--stop-at=7"]
+    assert pretrain.resume_command(argv, one).endswith(
+        " -m nblib.pretrain --preset gpt2-124m --out 'my runs/a' --resume")
+    assert pretrain.resume_command(argv, two) == ("torchrun --standalone --nproc_per_node=2 -m nblib.pretrain "
+                                                  "--preset gpt2-124m --out 'my runs/a' --resume")

@@ -1,6 +1,10 @@
 """nblib.shards: write/read round trip, clear errors for broken shards, the order of windows and
-its split across ranks, preparing text, local files and the command line."""
+its split across ranks, preparing text, local files and the command line; a failed prepare
+leaves the shards it would have replaced as they were."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +195,98 @@ def test_ensure_prepared_and_command_line(tmp_path, capsys):
     assert "val 5," in out and len(TokenShards(tmp_path / "cli", "val")) == 5
     with pytest.raises(ValueError, match="do not apply"):
         shards.prepare("shakespeare-char", tmp_path / "x", tokens=10)
+
+
+# ---------------------------------------------------------------------------- a failed prepare changes nothing
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_prepare_keeps_the_shards_and_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    src = tmp_path / "doc.txt"
+    src.write_text("words of the first corpus " * 20)
+    out = tmp_path / "out"
+    shards.main(["prepare", "--source", str(src), "--out", str(out), "--val-tokens", "5"])
+    before = snapshot(out)
+    bad = tmp_path / "bad.jsonl"  # a good document, then a bad line: fails half-way through
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"content": "x"}) + "\n")
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "x.parquet").write_bytes(b"PAR1")
+
+    def no_datasets(why):
+        raise ImportError(f"{why} needs Hugging Face's `datasets` library: `pip install datasets`")
+
+    monkeypatch.setattr(shards, "_require_datasets", no_datasets)
+    failures = [(["--source", str(tmp_path / "typo.txt")], FileNotFoundError, "does not exist"),
+                (["--source", str(bad), "--val-tokens", "1"], ValueError, "bad.jsonl:2"),
+                (["--source", str(tmp_path / "pq")], ImportError, "pip install datasets"),
+                (["--source", "fineweb-edu"], ImportError, "pip install datasets"),
+                (["--source", str(src), "--val-tokens", "1000000"], ValueError, "lower --val-tokens"),
+                (["--source", str(src), "--val-tokens", "0"], ValueError, "--val-tokens must be >= 1"),
+                (["--source", "shakespeare-char", "--tokens", "5"], ValueError, "do not apply")]
+    for args, error, message in failures:
+        with pytest.raises(error, match=message):
+            shards.main(["prepare", "--out", str(out), *args])
+        assert snapshot(out) == before, args
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "doc.txt", "out", "pq"], args
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while writing
+        (args[0] / "train_000000.bin").parent.mkdir(parents=True, exist_ok=True)
+        (args[0] / "train_000000.bin").write_bytes(b"\0\0")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "prepare_hf", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shards.prepare(str(src), out)
+    assert snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "doc.txt",
+                                                                                       "out", "pq"]
+    monkeypatch.undo()
+    src.write_text("another corpus, longer than the first one " * 20)  # a prepare that works replaces them
+    shards.main(["prepare", "--source", str(src), "--out", str(out), "--val-tokens", "5"])
+    train = TokenShards(out, "train")
+    assert "another corpus" in shards.tokenizer_for(train.manifest).decode(train.read(0, len(train)).tolist())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "doc.txt", "out", "pq"]
+
+
+def test_prepare_refuses_a_folder_holding_other_files(tmp_path):
+    src = tmp_path / "doc.txt"
+    src.write_text("some words " * 30)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"holds files that are not shards \(notes.md\)"):
+        shards.prepare(str(src), mine, val_tokens=5)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.md"]
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        shards.prepare(str(src), src, val_tokens=5)
+
+
+def test_ensure_prepared_replaces_an_unfinished_prepare(tmp_path):
+    folder = tmp_path / "sc"
+    folder.mkdir()
+    (folder / "train_000000.bin").write_bytes(b"\1\0")  # an old prepare killed before its manifest
+    shards.ensure_prepared("shakespeare-char", folder)
+    assert len(TokenShards(folder, "val")) == 111_540 and sorted(p.name for p in tmp_path.iterdir()) == ["sc"]
+
+
+def test_reading_zero_tokens_is_a_clear_error(tmp_path):
+    write(tmp_path, np.arange(20), [1, 2, 3])
+    with pytest.raises(ValueError, match="asks for no tokens"):
+        TokenShards(tmp_path).read(0, 0)
+    with pytest.raises(ValueError, match="at least one row"):
+        Windows(TokenShards(tmp_path), 4).rows([])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["shards"].append(dict(file="val_000001.bin", split="val", tokens=0, sha256=""))
+    (tmp_path / "val_000001.bin").write_bytes(b"")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="val_000001.bin is listed .* with 0 tokens"):
+        TokenShards(tmp_path, "val")
+
+
+def test_the_command_line_says_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nblib.shards", "prepare", "--source", str(tmp_path / "typo.txt"),
+                           "--out", str(tmp_path / "out")], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "typo.txt does not exist" in proc.stderr and not (tmp_path / "out").exists()
