@@ -5,7 +5,7 @@
     python tools/course.py open [OPTIONS]        # learners: start, then JupyterLab (with OPTIONS) in work/
     python tools/course.py sync [--force]        # rewrite Colab cells, badges, student/, README table
     python tools/course.py check                 # exit 1 if any of those is stale, or a solution leaks
-    python tools/course.py grade SUBMISSIONS...  # grade student notebooks: grades.csv and grades.json
+    python tools/course.py grade SUBMISSIONS...  # grade notebooks or folders of them, each boxed (GRADING.md)
     python tools/course.py record [NN ...]       # run lessons in full mode into executed/, with a report
 
 A learner's work lives in work/, which git ignores: `start` copies each lesson's student
