@@ -12,8 +12,10 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``tokenizers``: the real GPT-2 tokenizer, offline
 - ``text``: characters as tokens, train/val split, random batches (05 on)
 - ``gpt``: GPT-2 with Hugging Face's parameter names (06)
+- ``lm``: what both model families share: the loss (targets of -100 ignored) and the positions of new tokens (06 on)
 - ``train``: the training loop: AdamW, warmup + cosine, clipping, accumulation, autocast, resume (06 on)
 - ``checkpoint``: safetensors checkpoints with their config (06 on)
+- ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``sample``: temperature, top-k, top-p sampling (06 on)
 - ``llama``: the Llama-style model: RMSNorm, RoPE, SwiGLU, GQA, KV cache, export (07)
 - ``kvcache``: the KV cache and the padding-aware causal masks both model families share (07 on)
@@ -21,12 +23,18 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``chat``: the chat tokenizer (characters + special tokens), the chat template with its assistant mask, a chat loop (08 on)
 - ``tasks``: generated post-training tasks with verifiers and held-out splits: addition (with a buggy teacher), words, facts, open requests (08 on)
 - ``base``: the small base model the post-training lessons share, pretrained on tinyshakespeare and cached by config (08 on)
+- ``modelcache``: the cache of models later lessons reuse (base, SFT), keyed by a hash of all that decides their weights (08 on)
 - ``sft``: supervised fine-tuning: padded chat batches, the masked loss, held-out loss, accuracy and format evals (08 on)
+- ``rl``: the math of preference learning and RL: Bradley-Terry, GAE, the PPO, DPO and GRPO losses, KL estimates (09-11)
+- ``prefs``: simulated preferences (never human): a hidden rater and the reply pairs it labels with noise (09, 10)
+- ``reward``: a language model with a scalar head: the reward model, and PPO's value model (09)
+- ``ppo``: PPO for a language model: rollouts priced with a KL penalty, GAE, clipped policy and value updates (09)
+- ``dpo``: direct preference optimisation: the policy's log-probs against a frozen reference, no reward model (10)
+- ``grpo``: RL with a verifiable reward: groups of replies, advantages within each group, no value model (11)
 - ``scaling``: FLOPs of a training run, IsoFLOP sweeps, parabola and power-law fits, the loss surface L(N, D) (12)
 - ``profiling``: torch.profiler categories, MFU and the peak table, activation memory, the speed ladder (13)
 - ``shards``: token shards (uint16 files, a manifest with sha256), their preparation, the rows each process reads (14)
 - ``pretrain``: the training program, ``python -m nblib.pretrain``: presets, DDP under torchrun, exact resume (14)
-- ``hf_dir``: a Hugging Face model folder (config.json + model.safetensors), read and written (06, 07)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
 from nblib.record import headline

@@ -64,6 +64,12 @@ def completion_tokens(ids: torch.Tensor, completion_mask: torch.Tensor) -> list[
     return [[t for t, m in zip(row, mask) if m] for row, mask in zip(ids.tolist(), completion_mask.tolist())]
 
 
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """[N]: the column of each row's last True (a row must have one); of a ``completion_mask``, each reply's end."""
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask, cols, -1).max(dim=1).values
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
                    top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """log p(token) under the distribution ``generate`` samples from: ``logits`` [..., V]

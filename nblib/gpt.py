@@ -32,7 +32,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from nblib.hf_dir import check_special_tokens, read_hf_config, read_hf_weights, write_hf_dir
-from nblib.kvcache import KVCache, causal_mask, positions_from_mask
+from nblib.kvcache import KVCache, causal_mask
+from nblib.lm import lm_loss, token_positions  # shared with nblib.llama; lesson 06 imports lm_loss from here
 
 
 @dataclass
@@ -345,37 +346,3 @@ def save_hf_dir(model: GPT, path: str | Path) -> Path:
 # The names nblib.llama uses, so that later lessons load and save either family alike.
 load_hf = from_hf_dir
 save_hf = save_hf_dir
-
-
-# ---- shared by both model families (nblib.llama imports these) ----------------------
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of ``logits`` [B, T, V] against ``targets`` [B, T], ignoring targets of -100.
-
-    ``reduction="mean"``: the mean over the targets that are not -100 (a scalar);
-    ``"none"``: one loss per token [B, T], 0 where the target is -100 (for masked sums).
-    """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none' (per token), got {reduction!r}")
-    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                           reduction=reduction)
-    return loss if reduction == "mean" else loss.view(targets.shape)
-
-
-def token_positions(config, idx: torch.Tensor, start: int, attention_mask: torch.Tensor | None,
-               positions: torch.Tensor | None) -> torch.Tensor:
-    """Positions of the new tokens: given, counted from the mask, or start ... start + T - 1."""
-    B, T = idx.shape
-    if positions is not None:
-        if positions.shape not in ((B, T), (T,)):
-            raise ValueError(f"positions must be [B, T] = {[B, T]} or [T], got {list(positions.shape)}")
-        if positions.numel() and not 0 <= int(positions.min()) <= int(positions.max()) < config.block_size:
-            raise ValueError(f"positions must lie in 0 ... block_size - 1 = {config.block_size - 1}, "
-                             f"got {int(positions.min())} ... {int(positions.max())}")
-        return positions
-    if attention_mask is None:
-        return torch.arange(start, start + T, device=idx.device)  # [T], the same for every row
-    if attention_mask.shape != (B, start + T):
-        raise ValueError(f"attention_mask must be [B, cache.pos + T] = {[B, start + T]} (every token so far), "
-                         f"got {list(attention_mask.shape)}")
-    return positions_from_mask(attention_mask)[:, start:]
-

@@ -40,9 +40,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nblib.gpt import lm_loss, token_positions
 from nblib.hf_dir import check_special_tokens, read_hf_config, read_hf_weights, write_hf_dir
 from nblib.kvcache import KVCache, causal_mask
+from nblib.lm import lm_loss, token_positions
 from nblib import sample  # lesson 06's sampler: the generators here choose tokens with it
 
 POS_EMBS = ("rope", "learned")

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from nblib import engine, rl, train
+from nblib.engine import last_token_index  # a reply's last token, where its score goes; also ppo.last_token_index
 from nblib.progress import progress
 
 
@@ -78,12 +79,6 @@ def token_values(value_model: nn.Module, ids: torch.Tensor, attention_mask: torc
     """[N, T]: the value model's estimate *before* each token (its output at the previous position)."""
     v = value_model(ids, attention_mask)
     return torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """[N]: the column of each row's last True (a row must have one)."""
-    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask, cols, -1).max(dim=1).values
 
 
 def checked_scores(scores, n: int) -> torch.Tensor:

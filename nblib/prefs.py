@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nblib import chat, engine, ppo
+from nblib import chat, engine
 from nblib.progress import progress
 
 POSITIVE = frozenset(
@@ -253,7 +253,7 @@ def evaluate_policy(model, ref, prompts: list[list[int]], rater, tokenizer, max_
     result = {"true": sum(scores) / len(scores), "kl": kl.mean().item(),
               "length": out.completion_mask.sum(1).float().mean().item(), "texts": texts, "scores": scores}
     if reward_model is not None:
-        last = ppo.last_token_index(out.completion_mask)
+        last = engine.last_token_index(out.completion_mask)
         result["proxy"] = reward_model.score(out.ids, last, out.attention_mask).mean().item()
     return result
 

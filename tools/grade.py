@@ -37,9 +37,9 @@ from pathlib import Path
 
 import nbformat
 
-import course
 import exercises
 import sandbox
+from course_files import NOTEBOOKS, ROOT, STUDENT, load_course
 
 TIMEOUT_ENAME = "CellTimeout"
 KERNEL_ENV = {"NBLIB_FAST": "1", "NBLIB_PROGRESS": "0", "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
@@ -351,9 +351,9 @@ def box_settings(paths: list[Path], out: Path, protections: dict[str, bool]) -> 
     """How the worker boxes itself: the folders it hides (solutions, tests, history, submissions,
     grades), whether it locks the file system down, drops root, and to which user."""
     root = hasattr(os, "geteuid") and os.geteuid() == 0
-    needed = [course.ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
+    needed = [ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(),
               Path(tempfile.gettempdir()).resolve()]
-    folders = {course.NOTEBOOKS, course.ROOT / "executed", course.ROOT / "tests", course.ROOT / ".git",
+    folders = {NOTEBOOKS, ROOT / "executed", ROOT / "tests", ROOT / ".git",
                out.resolve()} | {p.resolve().parent for p in paths}
     # Never cover what the kernel needs (the course package, Python, the scratch folders).
     hide = [str(f) for f in sorted(folders) if not any(n == f or f in n.parents for n in needed)]
@@ -394,7 +394,7 @@ def run_submission(cells, tokens, cell_timeout, timeout, limits, box) -> tuple[d
 
 
 def grade_one(nb, lesson: str, options, box) -> dict:
-    instructor = nbformat.read(course.NOTEBOOKS / lesson, as_version=4)
+    instructor = nbformat.read(NOTEBOOKS / lesson, as_version=4)
     exs = exercises.exercises(instructor, f"notebooks/{lesson}")
     module = next((m[1] for c in instructor.cells for m in [CHECKS_IMPORT.search(c.source)] if m), None)
     cells, roles, tokens = graded_notebook(nb, exs, module)
@@ -506,7 +506,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--file-mb", type=int, default=1024, help="largest file a submission may write, MB (default 1024)")
     args = parser.parse_args(argv)
 
-    lessons = [l["file"] for l in course.load_course()["lesson"] if (course.NOTEBOOKS / l["file"]).exists()]
+    lessons = [l["file"] for l in load_course()["lesson"] if (NOTEBOOKS / l["file"]).exists()]
     entries = identify(find_submissions(args.submissions, args.out), lessons)
     if not args.out.exists():
         args.out.mkdir(parents=True)
@@ -525,7 +525,7 @@ def main(argv: list[str]) -> int:
         path, lesson = e["path"], e["lesson"]
         target = row_path(args.out, e["student"], lesson or path.name)
         row = {"file": str(path), "student": e["student"], "lesson": lesson, "sha256": sha256(path),
-               "instructor": sha256(course.NOTEBOOKS / lesson) if lesson else None, "flags": [], "problems": []}
+               "instructor": sha256(NOTEBOOKS / lesson) if lesson else None, "flags": [], "problems": []}
         if target.exists():
             before = json.loads(target.read_text(encoding="utf-8"))
             if (before["sha256"], before["instructor"]) == (row["sha256"], row["instructor"]):
@@ -534,11 +534,11 @@ def main(argv: list[str]) -> int:
         print(f"grading {path} ({e['student']}, lesson {lesson}) ...", flush=True)
         if e["problem"]:
             row["problems"].append(f"{path.name}: {e['problem']}")
-            exs = exercises.exercises(nbformat.read(course.NOTEBOOKS / lesson, as_version=4), lesson) if lesson else []
+            exs = exercises.exercises(nbformat.read(NOTEBOOKS / lesson, as_version=4), lesson) if lesson else []
             row["exercises"] = {ex.id: {"points": 0, "max": ex.points, "status": "error", "reason": e["problem"]}
                                 for ex in exs}
         else:
-            official = course.STUDENT / lesson
+            official = STUDENT / lesson
             row["flags"] = flags(e["nb"], nbformat.read(official, as_version=4) if official.exists() else None)
             row.update(grade_one(e["nb"], lesson, args, box))
         target.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")

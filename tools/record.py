@@ -29,9 +29,9 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-import course
+from course_files import NOTEBOOKS, ROOT, environment, load_course, with_colab_setup
 
-EXECUTED = course.ROOT / "executed"
+EXECUTED = ROOT / "executed"
 REPORT_JSON = EXECUTED / "report.json"
 REPORT_MD = EXECUTED / "REPORT.md"
 
@@ -88,8 +88,7 @@ def stale(lesson: str) -> str | None:
     path = EXECUTED / lesson
     if not path.exists():
         return f"executed/{lesson} is missing"
-    current = course.with_colab_setup(nbformat.read(course.NOTEBOOKS / lesson, as_version=4),
-                                      course.load_course(), f"notebooks/{lesson}")
+    current = with_colab_setup(nbformat.read(NOTEBOOKS / lesson, as_version=4), load_course(), f"notebooks/{lesson}")
     if code_cells(nbformat.read(path, as_version=4)) != code_cells(current):
         return f"executed/{lesson} was recorded from older code than notebooks/{lesson}"
     return None
@@ -97,12 +96,12 @@ def stale(lesson: str) -> str | None:
 
 def run_lesson(lesson: str, crs: dict) -> dict:
     """Execute one lesson in full mode; write its executed copy; return its report row."""
-    nb = course.with_colab_setup(nbformat.read(course.NOTEBOOKS / lesson, as_version=4), crs, f"notebooks/{lesson}")
+    nb = with_colab_setup(nbformat.read(NOTEBOOKS / lesson, as_version=4), crs, f"notebooks/{lesson}")
     with tempfile.TemporaryDirectory(prefix="record-") as workdir:
         headlines_file = Path(workdir) / "headlines.jsonl"
         env = {"NBLIB_FAST": "0", "NBLIB_PROGRESS": "text", "NBLIB_RECORD": str(headlines_file),
                "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
-        with course.environment(env), LoadMeter() as load:
+        with environment(env), LoadMeter() as load:
             started = time.monotonic()
             NotebookClient(nb, timeout=None, kernel_name="python3",
                            resources={"metadata": {"path": workdir}}).execute()
@@ -146,7 +145,7 @@ def write_report(rows: dict[str, dict], crs: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
-    crs = course.load_course()
+    crs = load_course()
     ready = [l["file"] for l in crs["lesson"] if l["status"] == "ready"]
     wanted = [l for l in ready if not argv or any(l.startswith(a) or l == a for a in argv)]
     if argv and not wanted:
@@ -160,7 +159,7 @@ def main(argv: list[str]) -> int:
         print(f"  {minutes(rows[lesson]['seconds'])} (load {rows[lesson]['load']}); " +
               "; ".join(f"{h['name']} = {h['shown']}" for h in rows[lesson]["headlines"]), flush=True)
         write_report(rows, crs)  # after every lesson, so a long run keeps what it finished
-    print(f"wrote {REPORT_MD.relative_to(course.ROOT)} and {len(wanted)} executed lesson(s)")
+    print(f"wrote {REPORT_MD.relative_to(ROOT)} and {len(wanted)} executed lesson(s)")
     return 0
 
 
