@@ -7,6 +7,8 @@ import os
 import time
 from collections import defaultdict
 
+import pytest
+
 os.environ.setdefault("NBLIB_FAST", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -15,6 +17,14 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 NOTEBOOK_BUDGET_S = 60.0
 _file_seconds: dict[str, float] = defaultdict(float)
 _started = time.perf_counter()
+
+
+def pytest_collection_modifyitems(items):
+    """Every notebook cell is ``slow`` (a lesson takes 3-35 s in FAST mode), so ``-m "not slow"`` is a quick pass.
+    (pyproject.toml registers the marker; without ``-m`` nothing is deselected.)"""
+    for item in items:
+        if item.nodeid.split("::")[0].endswith(".ipynb"):
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_runtest_logreport(report):

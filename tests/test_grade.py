@@ -92,12 +92,14 @@ def all_exercises():
     return {ex.id: ex.points for lesson in LESSONS for ex in exercises.exercises(instructor(lesson), lesson)}
 
 
+@pytest.mark.slow
 def test_every_lesson_with_exercises_is_graded(table):
     data, _ = table
     assert set(data["columns"]) == set(all_exercises())
     assert len(all_exercises()) >= len(LESSONS)
 
 
+@pytest.mark.slow
 def test_instructor_versions_get_full_marks(table):
     data, rows = table
     alice = data["students"]["alice"]
@@ -107,6 +109,7 @@ def test_instructor_versions_get_full_marks(table):
     assert int(rows["alice"]["total"]) == alice["total"]
 
 
+@pytest.mark.slow
 def test_untouched_student_versions_get_zero_not_attempted(table):
     data, rows = table
     bob = data["students"]["bob"]
@@ -115,6 +118,7 @@ def test_untouched_student_versions_get_zero_not_attempted(table):
     assert rows["bob"][f"{WRONG} reason"] == "not attempted"
 
 
+@pytest.mark.slow
 def test_one_wrong_exercise_loses_exactly_its_points_with_the_checks_message(table):
     data, rows = table
     carol = data["students"]["carol"]["exercises"]
@@ -128,6 +132,7 @@ def test_one_wrong_exercise_loses_exactly_its_points_with_the_checks_message(tab
     assert int(rows["carol"]["total"]) == sum(points.values()) - points[WRONG]
 
 
+@pytest.mark.slow
 def test_an_infinite_loop_is_stopped_by_the_time_limit(looping):
     dave = looping["students"]["dave"]["exercises"]
     assert dave[LOOPING]["status"] == "timed out" and str(CELL_TIMEOUT) in dave[LOOPING]["reason"]

@@ -214,6 +214,7 @@ def softmax_of(graded, who):
     return graded["data"][who]["exercises"]["00.softmax"]
 
 
+@pytest.mark.slow
 def test_honest_rows_are_exactly_right(graded):
     alice = graded["data"]["alice"]
     assert alice["total"] == alice["max"] > 1, alice
@@ -223,6 +224,7 @@ def test_honest_rows_are_exactly_right(graded):
     assert "FLAGS" not in "".join(ln for ln in graded["stdout"].splitlines() if ln.startswith(("alice ", "zoe ")))
 
 
+@pytest.mark.slow
 def test_crashes_and_hangs_get_a_row_with_the_reason(graded):
     for who in ("crash_exit", "crash_segfault"):
         r = softmax_of(graded, who)
@@ -231,22 +233,26 @@ def test_crashes_and_hangs_get_a_row_with_the_reason(graded):
     assert hang["points"] == 0 and "ignored the interrupt" in hang["reason"], hang
 
 
+@pytest.mark.slow
 def test_a_malformed_file_gets_a_row_and_does_not_stop_the_class(graded):
     eve = graded["data"]["eve"]
     assert eve["total"] == 0 and "not a readable notebook" in " ".join(eve["problems"]), eve
 
 
+@pytest.mark.slow
 def test_the_flood_does_not_reach_the_grader(graded):
     peak = int(graded["stdout"].split("grader peak memory: ")[1].split()[0])
     assert peak < 250, f"the grader grew to {peak} MB with a 300 MB flood"
 
 
+@pytest.mark.slow
 def test_nothing_outlives_grading(graded):
     assert graded["csv_after"] == graded["csv"] and "FORGED" not in graded["csv_after"]
     leftovers = [p for p in Path("/proc").glob("[0-9]*/cmdline") if b"4242" in p.read_bytes()]
     assert not leftovers, leftovers
 
 
+@pytest.mark.slow
 def test_every_cheat_scores_zero_or_is_flagged(graded):
     """The note in GRADING.md counts these: which cheats still score, and why."""
     scored = {}
@@ -262,6 +268,7 @@ def test_every_cheat_scores_zero_or_is_flagged(graded):
     assert not graded["planted"] or not LOCKED, "a submission wrote into the checkout"
 
 
+@pytest.mark.slow
 def test_no_secret_or_hidden_test_reaches_the_grades(graded):
     hidden = exercises.exercises(nbformat.read(ROOT / "notebooks" / L00, as_version=4), L00)[0].hidden
     for text in (graded["csv"], graded["json_text"]):
@@ -272,6 +279,7 @@ def test_no_secret_or_hidden_test_reaches_the_grades(graded):
     assert "hidden tests" in softmax_of(graded, "cheat_leak_hidden_tests")["reason"]
 
 
+@pytest.mark.slow
 def test_the_grader_says_which_protections_are_off(graded):
     line = next(ln for ln in graded["stdout"].splitlines() if ln.startswith("grader protections:"))
     off = [name for name, on in PROTECTIONS.items() if not on]
@@ -289,6 +297,7 @@ def test_a_collision_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "grades" / "grades.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_resubmitted_unchanged_class_is_not_run_again(graded):
     started = time.monotonic()
     rows = sorted((graded["out"] / "rows").glob("*.json"))

@@ -149,6 +149,7 @@ def torchrun(args, nproc=2):
     return proc
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(char_data, tmp_path):
     # 32 rows a step: one process does 4 micro-batches of 8; two do 2 each, the first under no_sync
     args = ["--preset", "shakespeare-char", "--tiny", "--data-dir", str(char_data), "--debug", "--global_batch", "32",
@@ -182,6 +183,7 @@ def test_two_processes_under_torchrun_match_one(char_data, tmp_path):
     assert proc.stdout.count("step      1 | loss") == 1 and proc.stdout.count("summary:") == 1
 
 
+@pytest.mark.slow
 def test_a_run_begun_on_one_process_resumes_on_two(straight, char_data, tmp_path):
     _, uninterrupted = straight
     args = ["--preset", "shakespeare-char", "--tiny", "--data-dir", str(char_data), "--out", str(tmp_path)]
@@ -405,6 +407,7 @@ def test_sigterm_and_a_second_run_into_the_same_out(char_data, tmp_path):
     assert losses(log) == losses(straight)
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_torchrun_saves_once_and_resumes(char_data, tmp_path):
     out = tmp_path / "ddp"
     args = [*LONG, "--data-dir", str(char_data), "--out", str(out)]

@@ -60,6 +60,7 @@ def summed_gradients(model):
             dist.all_reduce(p.grad)
 
 
+@pytest.mark.slow
 def test_average_gradients_in_two_processes():
     checks.check_average_gradients(average_gradients)
     with pytest.raises(CheckFailed, match=r"rank 0: parameter body.0.weight's gradient differs from the mean of "
