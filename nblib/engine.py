@@ -10,19 +10,32 @@ module does both halves once:
 - ``sequence_logprobs(model, ids, mask)``: the log-probability of given tokens under the
   model (temperature 1), differentiable: the building block of DPO, PPO and GRPO losses.
 
+**Step by step.** ``generate`` is a loop over three calls that a later lesson can drive
+itself (batching requests as they come, speculative decoding, a quantized model):
+
+- ``new_cache(model, rows, max_len)``: an empty ``KVCache`` in the model's dtype and device
+  (``cache.reset()`` empties it again for the next prompts, without allocating);
+- ``prefill(model, ids, attention_mask, cache) -> logits [B, V]``: run the prompts once,
+  filling the cache; the logits that choose each row's first new token;
+- ``decode_step(model, tokens, attention_mask, cache) -> logits [B, V]``: run one new token
+  per row, attending to the cache; the logits that choose the next one.
+
+Tokens are chosen by lesson 06's ``nblib.sample.sample_next_token``, as everywhere else.
+
 **Left padding.** Prompts of different lengths are padded on the left, so that every
 row's last prompt token is in column P - 1 and one decode step serves all rows. The
 ``attention_mask`` hides the padding from attention and from the position count
 (``nblib.kvcache``): a padded row computes what the prompt alone would, up to float
 rounding.
 
-**Random numbers.** Sampling draws token t of row r as the inverse CDF of the sampling
-distribution at one uniform number ``U[r, t]``. The uniforms come from ``generator``:
-a list of one ``torch.Generator`` per row (row r draws ``max_new_tokens`` numbers from its
-own, so a row's tokens depend on nothing else in the batch: run alone with a generator
-seeded alike, a prompt gives the same tokens), or one generator (``U`` is drawn from it
-as one [rows, max_new_tokens] tensor), or None (the global RNG, so ``torch.manual_seed``
-decides).
+**Random numbers.** Each step draws one uniform number per row and takes the inverse CDF
+of the sampling distribution there (``nblib.sample.sample_next_token``). The numbers come
+from ``generator``: a list of one ``torch.Generator`` per row (row r draws one number per
+step from its own, so a row's tokens depend on nothing else in the batch: run alone with a
+generator seeded alike, a prompt gives the same tokens), or one generator (each step draws
+all rows' numbers from it), or None (the global RNG, so ``torch.manual_seed`` decides).
+One prompt with one generator gives the tokens that ``nblib.sample.generate`` and
+``nblib.llama.generate`` give for the same seed.
 """
 from __future__ import annotations
 
@@ -30,10 +43,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-from torch.nn import functional as F
 
 from nblib import sample
-from nblib.kvcache import KVCache
+from nblib.kvcache import KVCache, new_cache
 
 
 @dataclass
@@ -98,11 +110,36 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tupl
 
 
 @torch.no_grad()
+def prefill(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            cache: KVCache | None = None) -> torch.Tensor:
+    """Run the prompts ``ids`` [B, P] (left-padded: ``attention_mask`` [B, P], True = real
+    token) and return the logits [B, V] of their last position, which choose the first new token.
+
+    With a ``cache`` the prompts' keys and values are stored after what it holds (empty for
+    new prompts), in its first B rows. Without one this is a plain forward pass: the
+    reference ``generate(use_cache=False)`` runs at every step.
+    """
+    return model(ids, cache=cache, attention_mask=attention_mask)[0][:, -1]
+
+
+@torch.no_grad()
+def decode_step(model, tokens: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """Run one new token per row, ``tokens`` [B], attending to the ``cache``; its logits [B, V].
+
+    ``attention_mask`` [B, cache.pos + 1] covers every token so far, the new one included
+    (None: no padding anywhere). The cache then holds the new tokens too.
+    """
+    if tokens.dim() != 1:
+        raise ValueError(f"decode_step takes one token per row, tokens [B]; got shape {tuple(tokens.shape)}")
+    return model(tokens[:, None], cache=cache, attention_mask=attention_mask)[0][:, -1]
+
+
+@torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, num_samples: int = 1,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: int | Iterable[int] | None = None, pad_id: int = 0,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             use_cache: bool = True) -> Rollout:
+             generator: sample.Generators = None,
+             use_cache: bool = True, cache: KVCache | None = None) -> Rollout:
     """Sample ``num_samples`` completions of up to ``max_new_tokens`` tokens for every prompt.
 
     - ``prompts``: token-id lists (or 1-D tensors), each at least one token long.
@@ -113,19 +150,24 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, nu
       masks), everything after it is ``pad_id`` with masks False and log-prob 0. Generation
       ends when every row has finished, so the rollout may be shorter than ``max_new_tokens``.
     - ``generator``: one per row, one for all, or None; see the module docstring.
+    - ``cache``: a ``KVCache`` of your own (``new_cache(model, len(prompts) * num_samples,
+      max_len)``, empty: ``cache.reset()`` it between calls) to use instead of a new one.
     - ``use_cache=False`` runs the whole sequence at every step (slow; a reference).
     The model runs in eval mode (its mode is restored after) and without gradients. The
     prompt plus ``max_new_tokens`` must fit the model's context: the cache holds that many
     positions, and cropping would change what the model sees.
     """
     prompts = [p.tolist() if torch.is_tensor(p) else list(p) for p in prompts]
-    _check_arguments(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, pad_id)
+    _check_arguments(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, pad_id, generator)
     stop = torch.tensor(sorted(_stop_set(stop_tokens)), dtype=torch.long)
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_id, device)
     B, P = ids.shape
     N, total = B * num_samples, P + max_new_tokens
-    uniforms = None if temperature == 0 else _uniforms(generator, N, max_new_tokens).to(device)
+    if use_cache:
+        cache = new_cache(model, N, total) if cache is None else _checked_cache(cache, model, N, total)
+    elif cache is not None:
+        raise ValueError("use_cache=False runs the whole sequence at every step: pass no cache, or use_cache=True")
     # the whole rollout, filled column by column; columns past the end are cut off at the end
     ids = torch.cat([ids, torch.full((B, max_new_tokens), pad_id, device=device)], dim=1).repeat_interleave(num_samples, 0)
     mask = torch.cat([mask, torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)], dim=1)
@@ -136,21 +178,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, nu
     was_training = model.training
     model.eval()
     try:
-        cache = None
-        if use_cache:
-            param = next(model.parameters())
-            cache = KVCache(model.config, B, max_len=total, device=device, dtype=param.dtype)
-        # prefill: each distinct prompt once, then its keys/values are copied num_samples times
-        logits = model(ids[::num_samples, :P], cache=cache, attention_mask=mask[::num_samples, :P])[0][:, -1]
+        # each distinct prompt once (into the cache's first rows), then copied num_samples times
+        logits = prefill(model, ids[::num_samples, :P], mask[::num_samples, :P], cache)
         logits = logits.repeat_interleave(num_samples, 0)
         if cache is not None:
             cache.repeat_rows(num_samples)
         end = P
         for t in range(max_new_tokens):
-            if temperature == 0:
-                token = logits.argmax(dim=-1)
-            else:
-                token = _draw(sample.sampling_logits(logits, temperature, top_k, top_p), uniforms[:, t])
+            token = sample.sample_next_token(logits, temperature, top_k, top_p, generator)[:, 0]
             alive = ~finished
             ids[:, P + t] = torch.where(alive, token, pad_id)
             mask[:, P + t] = alive
@@ -163,9 +198,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, nu
             if t + 1 == max_new_tokens:
                 break
             if cache is not None:  # decode: the newest token only, attending to the cache
-                logits = model(ids[:, end - 1:end], cache=cache, attention_mask=mask[:, :end])[0][:, -1]
-            else:
-                logits = model(ids[:, :end], attention_mask=mask[:, :end])[0][:, -1]
+                logits = decode_step(model, ids[:, end - 1], mask[:, :end], cache)
+            else:  # the reference: the whole sequence again
+                logits = prefill(model, ids[:, :end], mask[:, :end])
     finally:
         model.train(was_training)
     completion = mask.clone()
@@ -201,29 +236,21 @@ def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor,
 
 # ---- helpers -----------------------------------------------------------------------
 
-def _draw(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``logits`` [N, V], at uniform ``u`` [N] of the inverse CDF.
-
-    The first token whose cumulative probability exceeds u (scaled by the total, which is
-    1 up to rounding); a token of probability 0 is never the first to exceed it.
-    """
-    cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)
-    below = cdf <= (u.double() * cdf[:, -1])[:, None]
-    return below.sum(dim=-1).clamp(max=logits.size(-1) - 1)
-
-
-def _uniforms(generator, n_rows: int, n_steps: int) -> torch.Tensor:
-    """[n_rows, n_steps] uniform numbers in [0, 1), float64; see the module docstring."""
-    if generator is None:
-        return torch.rand(n_rows, n_steps, dtype=torch.float64)
-    if isinstance(generator, torch.Generator):
-        return torch.rand(n_rows, n_steps, generator=generator, dtype=torch.float64, device=generator.device)
-    generators = list(generator)
-    if len(generators) != n_rows:
-        raise ValueError(f"{len(generators)} generators for {n_rows} rows (prompts x num_samples): pass one "
-                         "per row, a single generator, or None")
-    return torch.stack([torch.rand(n_steps, generator=g, dtype=torch.float64, device=g.device).cpu()
-                        for g in generators])
+def _checked_cache(cache: KVCache, model, rows: int, positions: int) -> KVCache:
+    """The caller's cache, if it fits this call: ``rows`` rows of at least ``positions``, empty,
+    where the model computes."""
+    param = next(model.parameters())
+    if (cache.k.device, cache.k.dtype) != (param.device, param.dtype):
+        raise ValueError(f"the cache is {cache.k.dtype} on {cache.k.device}, the model {param.dtype} on "
+                         f"{param.device}: make the cache with engine.new_cache(model, ...)")
+    if cache.batch_size != rows or cache.max_len < positions:
+        raise ValueError(f"the cache holds {cache.batch_size} rows x {cache.max_len} positions; this call needs "
+                         f"{rows} rows (prompts x num_samples) x {positions} positions (longest prompt + "
+                         f"max_new_tokens): make one with engine.new_cache(model, {rows}, {positions})")
+    if cache.pos != 0:
+        raise ValueError(f"the cache already holds {cache.pos} positions of earlier prompts: call cache.reset() "
+                         "before reusing it")
+    return cache
 
 
 def _stop_set(stop_tokens) -> set[int]:
@@ -234,7 +261,8 @@ def _stop_set(stop_tokens) -> set[int]:
     return {int(t) for t in stop_tokens}
 
 
-def _check_arguments(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, pad_id) -> None:
+def _check_arguments(model, prompts, max_new_tokens, num_samples, temperature, top_k, top_p, pad_id,
+                     generator) -> None:
     """Refuse bad arguments before any forward pass, saying what to do instead."""
     sample.check_temperature(temperature)
     if temperature > 0:
@@ -245,6 +273,7 @@ def _check_arguments(model, prompts, max_new_tokens, num_samples, temperature, t
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not prompts:
         raise ValueError("prompts is empty: pass a list of token-id lists")
+    sample.check_generators(generator, len(prompts) * num_samples, "rows (prompts x num_samples)")
     vocab, block_size = model.config.vocab_size, model.config.block_size
     for i, prompt in enumerate(prompts):
         if not prompt:

@@ -5,6 +5,7 @@ Lesson 07 wrote the cache for Llama; ``nblib.gpt.GPT`` uses the same one, so tha
 lengths: they are *left*-padded (every row's last prompt token is in the same column, so
 one decode step serves all rows), and an ``attention_mask`` [B, S] (True = real token,
 False = padding) keeps the padding out of attention and out of the position count.
+``new_cache(model, rows, max_len)`` makes a cache in the model's dtype, on its device.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class KVCache:
     slots are filled (the same for every row: with left padding a row's first slots may
     hold padding, which the attention mask hides). The model writes a layer's new
     keys/values with ``update`` and moves ``pos`` on once all layers have seen the new tokens.
+    A batch of fewer rows than the cache holds fills its first rows (``repeat_rows``), and
+    ``reset`` empties the cache for the next prompts without allocating anything.
     ``config`` needs ``n_layer``, ``n_head``, ``n_embd``, ``block_size`` and, for grouped-query
     attention, ``n_kv_heads`` (a config without it has one key/value head per query head).
     """
@@ -34,26 +37,52 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0
 
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new k, v [B, n_kv_heads, T, d]; return all keys/values so far."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store this layer's new k, v [b, n_kv_heads, T, d] in rows 0 ... b - 1 (b <= batch_size);
+        return those rows' keys/values so far."""
+        b, end = k.shape[0], self.pos + k.shape[2]
+        if b > self.batch_size:
+            raise ValueError(f"{b} rows do not fit a cache of {self.batch_size}: make one with more rows "
+                             "(nblib.kvcache.new_cache)")
+        self.k[layer, :b, :, self.pos:end] = k
+        self.v[layer, :b, :, self.pos:end] = v
+        return self.k[layer, :b, :, :end], self.v[layer, :b, :, :end]
 
     def repeat_rows(self, n: int) -> "KVCache":
-        """Each row ``n`` times, in place: row i becomes rows i*n ... i*n + n - 1.
+        """The first ``batch_size / n`` rows, each ``n`` times: row i becomes rows i*n ... i*n + n - 1.
 
-        Sampling n completions of a prompt prefills the prompt once and then copies its
-        keys and values, instead of running the same prompt n times.
+        Sampling n completions of a prompt prefills each prompt once, into the cache's first
+        rows, then copies its keys and values, instead of running the same prompt n times.
+        The copies are written into the cache's own memory, so a cache the caller made (and
+        may reuse) stays the one in use.
         """
-        self.k = self.k.repeat_interleave(n, dim=1)
-        self.v = self.v.repeat_interleave(n, dim=1)
+        if self.batch_size % n:
+            raise ValueError(f"a cache of {self.batch_size} rows cannot hold {n} copies of each prompt: "
+                             f"make it with (number of prompts) x {n} rows")
+        filled = self.pos
+        self.k[:, :, :, :filled] = self.k[:, :self.batch_size // n, :, :filled].repeat_interleave(n, dim=1)
+        self.v[:, :, :, :filled] = self.v[:, :self.batch_size // n, :, :filled].repeat_interleave(n, dim=1)
+        return self
+
+    def reset(self) -> "KVCache":
+        """Empty the cache for new prompts (the memory stays allocated; old slots are overwritten)."""
+        self.pos = 0
         return self
 
     @property
     def nbytes(self) -> int:
         return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
+
+
+def new_cache(model, batch_size: int, max_len: int | None = None) -> KVCache:
+    """An empty ``KVCache`` for ``model`` (either family): ``batch_size`` rows of ``max_len``
+    positions (default: the model's context), on the model's device, in its dtype."""
+    param = next(model.parameters())
+    return KVCache(model.config, batch_size, max_len=max_len, device=param.device, dtype=param.dtype)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,22 @@
 """Sampling from a language model: temperature, top-k, top-p, seeded (lesson 06).
 
+``sample_next_token`` is the one sampler of the course: lesson 07's KV-cache generator,
+``nblib.engine`` (08 on) and ``nblib.pretrain`` draw their tokens with it, so one seed
+gives the same tokens through any of them.
+
 Works with any model that follows the course contract: ``model.config.block_size`` and
 ``model(idx) -> (logits, loss)``.
 """
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch.nn import functional as F
+
+# where random numbers come from: the global RNG (None), one generator, or one per row
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -65,28 +73,73 @@ def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int |
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                      top_p: float | None = None, generator: Generators = None) -> torch.Tensor:
     """One token per row of ``logits`` [B, vocab] -> LongTensor [B, 1].
 
     ``temperature`` divides the logits (below 1: sharper, above 1: flatter); 0 means
-    greedy (argmax). ``generator`` makes the draw reproducible independently of the
-    global RNG.
+    greedy (argmax, no random number used). Otherwise each row draws one uniform number
+    ``u`` (``uniforms``) and takes the token where the cumulative probability of the
+    filtered distribution passes ``u`` (``inverse_cdf``). ``generator``: None (the global
+    RNG, so ``torch.manual_seed`` decides), one ``torch.Generator`` for all rows, or a list
+    of one per row (a row's tokens then depend on its own generator only). Every generator
+    of the course (lessons 06, 07, 08 on, ``nblib.pretrain``) picks its tokens here, one
+    draw per row per step, so one seed gives the same tokens whichever of them runs.
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
     check_temperature(temperature)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = F.softmax(sampling_logits(logits, temperature, top_k, top_p), dim=-1)
-    if generator is not None and generator.device != probs.device:
-        # a generator draws on its own device: sample there, bring the ids back
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator)
+    u = uniforms(generator, logits.size(0), logits.device)
+    return inverse_cdf(sampling_logits(logits, temperature, top_k, top_p), u)[:, None]
+
+
+def inverse_cdf(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` [N, V]: the inverse CDF of ``softmax(logits)`` at ``u`` [N].
+
+    The first token whose cumulative probability exceeds u (scaled by the total, which is
+    1 up to rounding); a token of probability 0 (a logit of -inf) is never the first to
+    exceed it. The sum runs in float64, so the last tokens of a 50k vocabulary keep their share.
+    """
+    cdf = F.softmax(logits, dim=-1).double().cumsum(dim=-1)
+    total = cdf[:, -1]
+    if bool(total.isnan().any()):  # torch.multinomial would raise too; argmax would hide it
+        raise ValueError("the logits hold NaN (or +inf): the model has diverged; check its loss and weights")
+    below = cdf <= (u.double() * total)[:, None]
+    return below.sum(dim=-1).clamp(max=logits.size(-1) - 1)
+
+
+def uniforms(generator: Generators, rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[rows] uniform numbers in [0, 1), float64, on ``device``: one step's draw (``sample_next_token``).
+
+    A generator draws on its own device (the numbers are then moved), and None draws from
+    the global CPU RNG, so a seed gives the same numbers whatever device the model is on.
+    Drawn one step at a time, a loop that stops early and one that goes on share their first tokens.
+    """
+    if generator is None:
+        u = torch.rand(rows, dtype=torch.float64)
+    elif isinstance(generator, torch.Generator):
+        u = torch.rand(rows, generator=generator, dtype=torch.float64, device=generator.device)
+    else:
+        check_generators(generator, rows)
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device).to(device)
+                       for g in generator])
+    return u.to(device)
+
+
+def check_generators(generator: Generators, rows: int, what: str = "rows") -> None:
+    """Refuse a list of generators that is not one per row."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    n = len(generator)
+    if n != rows or not all(isinstance(g, torch.Generator) for g in generator):
+        raise ValueError(f"{n} generators for {rows} {what}: pass one torch.Generator per row, a single "
+                         "generator, or None")
 
 
 @torch.no_grad()
 def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, generator: torch.Generator | None = None,
+             top_p: float | None = None, generator: Generators = None,
              start_token: int | None = None) -> torch.Tensor:
     """Extend ``idx`` [B, T] (or [T]) by ``max_new_tokens`` sampled tokens; returns [B, T + new].
 

@@ -148,6 +148,42 @@ def test_sampling_logits_is_what_sample_next_token_draws_from():
     assert torch.equal(z, filter_logits(logits / 0.7, top_k=50, top_p=0.9))
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     drawn = sample_next_token(logits, 0.7, 50, 0.9, generator=g1)
-    assert torch.equal(drawn, torch.multinomial(torch.softmax(z, -1), 1, generator=g2))
+    # by hand: one uniform per row, the first token whose cumulative probability passes it
+    u = torch.rand(2, dtype=torch.float64, generator=g2)
+    cdf = torch.softmax(z, -1).double().cumsum(-1)
+    assert torch.equal(drawn[:, 0], (cdf <= u[:, None] * cdf[:, -1:]).sum(-1))
+    assert z[torch.arange(2), drawn[:, 0]].isfinite().all()  # never a filtered token
     with pytest.raises(ValueError, match="temperature 0 is greedy"):
         sampling_logits(logits, 0.0)
+
+
+def test_a_list_of_generators_gives_each_row_its_own_draws():
+    logits = gpt2_sized_logits(6, scale=1.0, rows=3)[:, :500]
+    batch = sample_next_token(logits, generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    for row, seed in enumerate((1, 2, 3)):
+        alone = sample_next_token(logits[row:row + 1], generator=torch.Generator().manual_seed(seed))
+        assert batch[row].item() == alone.item()
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sample_next_token(logits, generator=[torch.Generator(), torch.Generator()])
+
+
+def test_one_uniform_per_row_per_step_and_none_for_greedy():
+    logits = gpt2_sized_logits(7, rows=2)[:, :100]
+    g = torch.Generator().manual_seed(0)
+    sample_next_token(logits, temperature=0.0, generator=g)  # greedy draws nothing
+    first = sample_next_token(logits, generator=g)
+    second = sample_next_token(logits, generator=g)
+    g_again = torch.Generator().manual_seed(0)
+    assert torch.equal(torch.cat([first, second], 1),
+                       torch.cat([sample_next_token(logits, generator=g_again) for _ in range(2)], 1))
+    torch.manual_seed(3)
+    a = sample_next_token(logits)
+    torch.manual_seed(3)
+    assert torch.equal(a, sample_next_token(logits))  # None: the global seed decides
+
+
+def test_nan_logits_are_a_clear_error():
+    logits = torch.zeros(2, 5)
+    logits[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        sample_next_token(logits)
