@@ -3,7 +3,7 @@
 A small Llama-style model (``nblib.llama``) trained on tinyshakespeare at the character
 level with the chat tokenizer (``nblib.chat.ChatTokenizer``: characters plus the chat's
 special tokens, which pretraining never sees) by the course's training loop
-(``nblib.train``). ``load_or_train()`` returns it from the cache, training it first
+(``nblib.train``). ``load_or_train(spec)`` returns it from the cache, training it first
 when it is absent, so every post-training lesson runs on its own and in any order.
 
 **The cache key** is a hash of everything that determines the weights: the ``BaseSpec``
@@ -32,7 +32,6 @@ import torch
 
 from nblib import checkpoint, data, llama, modelcache, train
 from nblib.chat import ChatTokenizer
-from nblib.runmode import is_fast
 from nblib.text import train_val_split
 
 VERSION = 1  # bump when the training recipe changes in a way the spec does not capture
@@ -76,9 +75,9 @@ FAST = BaseSpec(n_layer=2, n_head=2, n_embd=32, steps=120, batch_size=8, warmup_
                 eval_batches=4)
 
 
-def default_spec(fast: bool | None = None) -> BaseSpec:
-    """``FAST`` in FAST mode (``NBLIB_FAST=1``), else ``FULL``."""
-    return FAST if (is_fast() if fast is None else fast) else FULL
+def default_spec(fast: bool) -> BaseSpec:
+    """``FAST`` in FAST mode, else ``FULL``: pass the lesson's ``FAST`` (its config cell reads ``NBLIB_FAST``)."""
+    return FAST if fast else FULL
 
 
 @dataclass
@@ -142,16 +141,15 @@ def _load(path: Path, key: str, spec: BaseSpec, tokenizer: ChatTokenizer, device
     return model.to(device).eval(), history
 
 
-def load_or_train(spec: BaseSpec | None = None, tokenizer: ChatTokenizer | None = None, *, device=None,
+def load_or_train(spec: BaseSpec, tokenizer: ChatTokenizer | None = None, *, device=None,
                   cache_dir: str | Path | None = None, retrain: bool = False, show_progress: bool = True,
                   verbose: bool = True) -> Base:
-    """The base model for ``spec`` (default: ``default_spec()``), from the cache or trained now.
+    """The base model for ``spec`` (``FULL``, ``FAST`` or your own), from the cache or trained now.
 
     - ``cache_dir``: where models are kept (default ``nblib.data.cache_dir() / "models"``);
     - ``retrain=True``: train even if a cached model exists (and replace it);
     - a cached model that cannot be read is trained again (the printed line says why).
     """
-    spec = default_spec() if spec is None else spec
     tokenizer = ChatTokenizer() if tokenizer is None else tokenizer
     device = torch.device(device) if device is not None else torch.device("cpu")
     say = print if verbose else (lambda *a, **k: None)

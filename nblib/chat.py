@@ -21,7 +21,7 @@ characters and an end token::
 - ``parse(ids, tokenizer)``: ids back to messages (``render``'s inverse); ``show_mask``
   prints ids with the masked tokens in brackets.
 - ``chat(model, tokenizer, ...)``: talk with a model: an input loop when someone can
-  type, a scripted conversation when no one can (CI, executed copies, FAST mode).
+  type, a scripted conversation when no one can (CI, executed copies).
 """
 from __future__ import annotations
 
@@ -250,13 +250,9 @@ def reply_text(completion, tokenizer: ChatTokenizer) -> str:
 def can_ask() -> bool:
     """True when someone can type answers: a notebook that allows input, or a terminal.
 
-    False in FAST mode, and when a notebook runs without stdin (nbclient, nbval, the
-    course's recorder and grader run notebooks that way), so those use a script.
+    False when a notebook runs without stdin (nbclient, nbval, the course's recorder and
+    grader run notebooks that way, FAST mode included), so those use a script.
     """
-    from nblib.runmode import is_fast
-
-    if is_fast():
-        return False
     try:
         from IPython import get_ipython
         shell = get_ipython()
@@ -314,7 +310,7 @@ def chat(model, tokenizer: ChatTokenizer, script: list[str] | None = None, *, in
     if interactive is None:
         interactive = can_ask()
     if not interactive and script is None:
-        raise ValueError("no one can type here (FAST mode, or a notebook run without input): pass script=[...]")
+        raise ValueError("no one can type here (a notebook run without input, as in CI): pass script=[...]")
     conversation: list[dict] = []
     if interactive:
         print_fn("Chat with the model: type a message and press Enter; an empty line, 'quit' or 'bye' ends it, "

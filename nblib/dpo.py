@@ -9,7 +9,8 @@ reference (the SFT model), are the reward (``rl.dpo_loss``).
 - ``reference_logprobs``: the same under the frozen reference, computed once per pair
   before training (it never changes, so running it at every step would be wasted work).
 - ``DPOBatch`` / ``collate``: pairs as one padded batch that carries its reference log-probs.
-- ``loss_fn(beta)``: the loss for ``nblib.train`` (``Trainer.step`` or ``train(get_batch=...)``).
+- ``DPOConfig``: beta and the training recipe; ``cfg.train_config(steps)`` is its ``TrainConfig``.
+- ``make_loss_fn(cfg)``: the ``loss_fn`` for ``nblib.train`` (``Trainer.step`` or ``train(get_batch=...)``).
 - ``implicit_reward_accuracy``: the share of held-out pairs whose chosen completion has the
   higher implicit reward beta * (log pi - log ref).
 
@@ -24,7 +25,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from nblib import engine, prefs, rl
+from nblib import engine, prefs, rl, train
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """DPO's hyper-parameters: every DPO function that needs beta takes this."""
+
+    beta: float = 0.1        # the KL price of the objective, and the scale of the implicit reward
+    batch_size: int = 32     # pairs per step
+    lr: float = 3e-4
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (e.g. 0.1), got {self.beta}")
+
+    def train_config(self, steps: int, seed: int = 0) -> train.TrainConfig:
+        """``steps`` steps of post-training's schedule (``nblib.train.finetune_config``), as the reward model's."""
+        return train.finetune_config(steps, self.lr, self.batch_size, seed)
 
 
 def completion_logprobs(model: nn.Module, batch: prefs.PairBatch) -> torch.Tensor:
@@ -85,34 +103,31 @@ def collate(pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, pad_id: int) ->
     return DPOBatch(prefs.collate_pairs(pairs, pad_id), torch.cat([ref_logprobs[:, 0], ref_logprobs[:, 1]]))
 
 
-def loss_fn(beta: float = 0.1):
-    """A ``loss_fn(model, batch: DPOBatch) -> (loss, metrics)`` for ``nblib.train``, metrics from ``rl.dpo_loss``."""
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0 (e.g. 0.1), got {beta}")
-
+def make_loss_fn(cfg: DPOConfig):
+    """DPO's ``loss_fn(model, batch: DPOBatch) -> (loss, metrics)`` for ``nblib.train``, metrics from ``rl.dpo_loss``."""
     def dpo_batch_loss(model: nn.Module, batch: DPOBatch):
         logprobs = completion_logprobs(model, batch.pairs)
         ref = batch.ref_logprobs.to(logprobs.device)
         B = batch.n_pairs
-        return rl.dpo_loss(logprobs[:B], logprobs[B:], ref[:B], ref[B:], beta)
+        return rl.dpo_loss(logprobs[:B], logprobs[B:], ref[:B], ref[B:], cfg.beta)
     return dpo_batch_loss
 
 
 @torch.no_grad()
-def implicit_rewards(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, beta: float, pad_id: int,
-                     batch_size: int = 64) -> torch.Tensor:
+def implicit_rewards(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, cfg: DPOConfig,
+                     pad_id: int, batch_size: int = 64) -> torch.Tensor:
     """[N, 2]: beta * (log pi - log ref) of each pair's chosen and rejected completion (model in eval mode)."""
     if not pairs:
         raise ValueError("no pairs to measure")
     if len(ref_logprobs) != len(pairs):
         raise ValueError(f"{len(ref_logprobs)} rows of reference log-probs for {len(pairs)} pairs: pass "
                          "reference_logprobs(ref, pairs, ...) of these very pairs")
-    return beta * (reference_logprobs(model, pairs, pad_id, batch_size) - ref_logprobs)
+    return cfg.beta * (reference_logprobs(model, pairs, pad_id, batch_size) - ref_logprobs)
 
 
-def implicit_reward_accuracy(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, beta: float,
+def implicit_reward_accuracy(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, cfg: DPOConfig,
                              pad_id: int, batch_size: int = 64) -> float:
     """The share of ``pairs`` whose chosen completion has the higher implicit reward (ties count as wrong,
     so the reference itself scores 0, as ``reward.pair_accuracy`` counts an untrained reward model)."""
-    rewards = implicit_rewards(model, pairs, ref_logprobs, beta, pad_id, batch_size)
+    rewards = implicit_rewards(model, pairs, ref_logprobs, cfg, pad_id, batch_size)
     return (rewards[:, 0] > rewards[:, 1]).float().mean().item()

@@ -45,6 +45,13 @@ class GRPOConfig:
     average: str = "sequence"      # rl.grpo_loss: "sequence" (GRPO), "token" (DAPO), "constant" (Dr. GRPO)
     epochs: int = 1                # passes over each step's groups
     minibatches: int = 1
+    lr: float = 1e-3               # AdamW's learning rate, constant after the warmup
+    warmup_steps: int = 0          # optimizer steps of linear warmup
+
+    def train_config(self, steps: int) -> train.TrainConfig:
+        """``steps`` steps of ``epochs x minibatches`` optimizer steps each (``nblib.train.rl_config``)."""
+        return train.rl_config(steps * self.epochs * self.minibatches, self.lr, self.warmup_steps,
+                               log_interval=10 ** 9)
 
 
 @dataclass
@@ -98,8 +105,8 @@ def score(reward_fn, completions: list[list[int]], group_size: int) -> list[floa
     return rewards
 
 
-def loss_fn(cfg: GRPOConfig):
-    """A ``loss_fn(policy, groups_minibatch) -> (loss, metrics)`` for ``nblib.train.Trainer.step``."""
+def make_loss_fn(cfg: GRPOConfig):
+    """GRPO's ``loss_fn(policy, groups_minibatch) -> (loss, metrics)`` for ``nblib.train.Trainer.step``."""
     def grpo_batch_loss(policy: nn.Module, groups: Groups):
         _, logprobs = engine.sequence_logprobs(policy, groups.ids, groups.mask, groups.attention_mask)
         return rl.grpo_loss(logprobs, groups.logprobs, groups.ref_logprobs, groups.advantages, groups.mask,
@@ -109,7 +116,7 @@ def loss_fn(cfg: GRPOConfig):
 
 def update(trainer, groups: Groups, cfg: GRPOConfig, generator: torch.Generator | None = None) -> list[dict]:
     """``cfg.epochs`` passes over ``groups`` in ``cfg.minibatches`` shuffled minibatches, one trainer step each."""
-    return train.minibatch_steps(trainer, groups, loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
+    return train.minibatch_steps(trainer, groups, make_loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
 
 
 @torch.no_grad()
@@ -125,11 +132,11 @@ def health(groups: Groups, group_size: int) -> dict[str, float]:
 
 
 def run(policy: nn.Module, ref: nn.Module, draw, cfg: GRPOConfig, steps: int, end_id: int, pad_id: int,
-        lr: float = 1e-3, warmup_steps: int = 0, seed: int = 0, evaluate=None, eval_every: int = 0,
+        seed: int = 0, evaluate=None, eval_every: int = 0,
         desc: str = "GRPO") -> tuple[nn.Module, list[dict]]:
     """GRPO on a copy of ``policy``: ``steps`` steps, each on ``draw(rng, n)`` -> (``n`` prompts, their
-    ``reward_fn``), drawn with random.Random(seed); one AdamW (``lr`` after a linear warmup of
-    ``warmup_steps`` optimizer steps, then constant; gradient clipping 1). Adam's first steps move every
+    ``reward_fn``), drawn with random.Random(seed); one AdamW (``cfg.lr`` after a linear warmup of
+    ``cfg.warmup_steps`` optimizer steps, then constant; gradient clipping 1). Adam's first steps move every
     weight by about ``lr`` whatever the gradient's size: the warmup keeps them from throwing the policy
     far from where it started.
 
@@ -139,9 +146,7 @@ def run(policy: nn.Module, ref: nn.Module, draw, cfg: GRPOConfig, steps: int, en
     """
     torch.manual_seed(seed)
     model = copy.deepcopy(policy)
-    trainer = train.Trainer(model, train.TrainConfig(max_steps=steps * cfg.epochs * cfg.minibatches, lr=lr, min_lr=lr,
-                                                     warmup_steps=warmup_steps, weight_decay=0.0, dtype="float32",
-                                                     grad_clip=1.0, log_interval=10 ** 9))
+    trainer = train.Trainer(model, cfg.train_config(steps))
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     log = []
     for step in progress(range(steps), desc=desc):

@@ -48,6 +48,11 @@ class PPOConfig:
     minibatches: int = 2
     whiten_advantages: bool = True
     no_end_penalty: float | None = None  # replace the score of a reply that never ended (None: keep it)
+    lr: float = 3e-4              # AdamW's constant learning rate, for the policy and the value model
+
+    def train_config(self, iters: int) -> train.TrainConfig:
+        """``iters`` iterations of ``epochs x minibatches`` optimizer steps (``nblib.train.rl_config``)."""
+        return train.rl_config(iters * self.epochs * self.minibatches, self.lr, log_interval=50)
 
 
 class ActorCritic(nn.Module):
@@ -122,8 +127,8 @@ def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]],
                       out.finished)
 
 
-def loss_fn(cfg: PPOConfig):
-    """A ``loss_fn(ac, experience_minibatch) -> (loss, metrics)`` for ``nblib.train.Trainer.step``."""
+def make_loss_fn(cfg: PPOConfig):
+    """PPO's ``loss_fn(ac, experience_minibatch) -> (loss, metrics)`` for ``nblib.train.Trainer.step``."""
     def ppo_loss(ac: ActorCritic, exp: Experience):
         _, logprobs = engine.sequence_logprobs(ac.policy, exp.ids, exp.mask, exp.attention_mask)
         pg_loss, pg_metrics = rl.ppo_policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, cfg.clip)
@@ -136,7 +141,7 @@ def loss_fn(cfg: PPOConfig):
 
 def update(trainer, exp: Experience, cfg: PPOConfig, generator: torch.Generator | None = None) -> list[dict]:
     """``cfg.epochs`` passes over ``exp`` in ``cfg.minibatches`` shuffled minibatches, one trainer step each."""
-    return train.minibatch_steps(trainer, exp, loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
+    return train.minibatch_steps(trainer, exp, make_loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
 
 
 @torch.no_grad()
@@ -158,11 +163,11 @@ def mean_entropy(model: nn.Module, exp: Experience) -> float:
 
 
 def run(policy: nn.Module, reward_model: nn.Module, ref: nn.Module, prompts: list[list[int]], cfg: PPOConfig,
-        iters: int, end_id: int, pad_id: int, lr: float = 3e-4, seed: int = 0, extra=None,
+        iters: int, end_id: int, pad_id: int, seed: int = 0, extra=None,
         desc: str = "PPO") -> tuple[nn.Module, list[dict]]:
     """PPO from copies of ``policy`` and ``reward_model`` (the value model starts as the reward model,
     which also scores the replies): ``iters`` iterations of ``cfg.prompts_per_iter`` prompts drawn with
-    random.Random(seed), one AdamW (constant ``lr``, gradient clipping 1) for policy and value model.
+    random.Random(seed), one AdamW (constant ``cfg.lr``, gradient clipping 1) for policy and value model.
 
     Returns (the trained policy in eval mode, one dict per iteration): ``health`` before the update,
     ``extra(exp)``'s entries (e.g. a true score), ``entropy``, and the update's mean ``clip_fraction``,
@@ -170,9 +175,7 @@ def run(policy: nn.Module, reward_model: nn.Module, ref: nn.Module, prompts: lis
     """
     torch.manual_seed(seed)
     ac = ActorCritic(copy.deepcopy(policy), copy.deepcopy(reward_model))
-    trainer = train.Trainer(ac, train.TrainConfig(max_steps=iters * cfg.epochs * cfg.minibatches, lr=lr, min_lr=lr,
-                                                  warmup_steps=0, weight_decay=0.0, dtype="float32", grad_clip=1.0,
-                                                  log_interval=50))
+    trainer = train.Trainer(ac, cfg.train_config(iters))
     generator, draw = torch.Generator().manual_seed(seed), random.Random(seed)
 
     def score_fn(ids, attention_mask, last):

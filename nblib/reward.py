@@ -16,6 +16,7 @@ copy of the language model trained with ``nblib.train`` on random pairs.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -97,15 +98,26 @@ def pair_batches(train_pairs: list[prefs.Pair], val_pairs: list[prefs.Pair], bat
     return get_batch
 
 
+@dataclass(frozen=True)
+class RewardConfig:
+    """Lesson 09's reward-model recipe."""
+
+    steps: int = 300
+    batch_size: int = 32      # pairs per step
+    lr: float = 1e-3
+
+    def train_config(self, seed: int = 0) -> train.TrainConfig:
+        """Post-training's schedule (``nblib.train.finetune_config``: 5% warmup, cosine to lr/10, no weight decay)."""
+        return train.finetune_config(self.steps, self.lr, self.batch_size, seed)
+
+
 def train_reward_model(lm: nn.Module, train_pairs: list[prefs.Pair], val_pairs: list[prefs.Pair], pad_id: int,
-                       steps: int = 300, batch_size: int = 32, lr: float = 1e-3, seed: int = 0,
+                       cfg: RewardConfig = RewardConfig(), seed: int = 0,
                        show_progress: bool = True) -> tuple[ScalarHead, train.History]:
-    """A ``ScalarHead`` on a copy of ``lm``, trained with the Bradley-Terry loss for ``steps`` steps
-    (cosine to lr/10, 5% warmup, no weight decay); returns (the model in eval mode, its History)."""
+    """A ``ScalarHead`` on a copy of ``lm``, trained with the Bradley-Terry loss by ``cfg``'s recipe;
+    returns (the model in eval mode, its History)."""
     model = ScalarHead(copy.deepcopy(lm))
-    cfg = train.TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
-                            warmup_steps=max(1, steps // 20), weight_decay=0.0, eval_interval=max(1, steps // 4),
-                            eval_batches=4, dtype="float32", seed=seed)
-    history = train.train(model, None, None, cfg, get_batch=pair_batches(train_pairs, val_pairs, batch_size, pad_id),
+    history = train.train(model, None, None, cfg.train_config(seed),
+                          get_batch=pair_batches(train_pairs, val_pairs, cfg.batch_size, pad_id),
                           loss_fn=loss_fn, show_progress=show_progress)
     return model.eval(), history

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -94,8 +93,8 @@ class Run:
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, val_ids: torch.Tensor, seq_len: int, n_windows: int,
-                 batch_size: int = 32) -> float:
+def heldout_window_loss(model: torch.nn.Module, val_ids: torch.Tensor, seq_len: int, n_windows: int,
+                        batch_size: int = 32) -> float:
     """Mean next-token loss over ``n_windows`` fixed windows spread evenly over ``val_ids``:
     the same windows for every run, so runs differ only by their models."""
     device = next(model.parameters()).device
@@ -138,7 +137,7 @@ def train_run(n_layer: int, n_embd: int, budget: float, train_ids: torch.Tensor,
     tokens = steps * tokens_per_step
     return Run(budget=float(budget), n_layer=n_layer, n_embd=n_embd, params=count_params(config), tokens=tokens,
                flops=float(tokens * fpt), steps=steps, epochs=tokens / len(train_ids),
-               val_loss=heldout_loss(model, val_ids, seq_len, eval_windows), seconds=seconds)
+               val_loss=heldout_window_loss(model, val_ids, seq_len, eval_windows), seconds=seconds)
 
 
 def sweep(plan: dict[float, list[tuple[int, int]]], train_ids, val_ids, vocab_size: int, **run_kw) -> list[Run]:

@@ -8,7 +8,7 @@
   ``all_tokens_loss_fn`` is the same loss on every non-pad token (the lesson's "no mask" run).
 - ``batches``: a ``get_batch(split, generator)`` that draws fresh conversations from a
   ``nblib.tasks.Mixture`` (the train split's problems for "train", held-out ones for "val").
-- evals: ``heldout_loss`` (the masked loss on fixed held-out batches), ``evaluate``
+- evals: ``heldout_assistant_loss`` (the masked loss on fixed held-out batches), ``evaluate``
   (greedy replies through ``nblib.engine``, batched, read with ``nblib.chat.reply_text``,
   checked with ``nblib.tasks.verify``), ``accuracy_by_task`` and ``format_compliance``
   (the reply ended its turn with ``<|end|>`` and wrote no other special token), and
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from nblib import base as base_lib, chat, checkpoint, data, engine, llama, modelcache, tasks, train
 from nblib.progress import progress
-from nblib.runmode import is_fast
 
 
 @dataclass
@@ -129,7 +128,7 @@ def batches(mixture: tasks.Mixture, tokenizer: chat.ChatTokenizer, batch_size: i
 
 
 @torch.no_grad()
-def heldout_loss(model, fixed_batches: list[Batch]) -> float:
+def heldout_assistant_loss(model, fixed_batches: list[Batch]) -> float:
     """The masked loss over all assistant tokens of ``fixed_batches`` (each token weighs the same)."""
     was_training = model.training
     model.eval()
@@ -284,9 +283,9 @@ FULL = SFTSpec()
 FAST = SFTSpec(steps=40, batch_size=8, warmup_steps=1, eval_interval=20, eval_batches=2)
 
 
-def default_spec(fast: bool | None = None) -> SFTSpec:
-    """``FAST`` in FAST mode (``NBLIB_FAST=1``), else ``FULL``."""
-    return FAST if (is_fast() if fast is None else fast) else FULL
+def default_spec(fast: bool) -> SFTSpec:
+    """``FAST`` in FAST mode, else ``FULL``: pass the lesson's ``FAST`` (its config cell reads ``NBLIB_FAST``)."""
+    return FAST if fast else FULL
 
 
 @dataclass
@@ -316,15 +315,14 @@ def finetune(base_model, tokenizer: chat.ChatTokenizer, spec: SFTSpec, text: str
     return model.eval(), history
 
 
-def load_or_train(spec: SFTSpec | None = None, base_spec=None, *, device=None, cache_dir=None, retrain: bool = False,
+def load_or_train(spec: SFTSpec, base_spec: base_lib.BaseSpec, *, device=None, cache_dir=None, retrain: bool = False,
                   show_progress: bool = True, verbose: bool = True) -> SFTModel:
-    """The SFT model of lesson 08 (``spec``, default ``default_spec()``) on the base model of
-    ``base_spec`` (default ``nblib.base.default_spec()``), from the cache or trained now.
+    """The SFT model of lesson 08's recipe ``spec`` on the base model of ``base_spec`` (e.g.
+    ``default_spec(FAST)`` and ``nblib.base.default_spec(FAST)``), from the cache or trained now.
 
     Lessons 09-11 start from it. The cache key covers the base model's key, ``spec``, the
     tokenizer and the recipe version; a damaged cache is trained again (see ``nblib.modelcache``).
     """
-    spec = default_spec() if spec is None else spec
     say = print if verbose else (lambda *a, **k: None)
     pretrained = base_lib.load_or_train(base_spec, device=device, cache_dir=cache_dir, show_progress=show_progress,
                                         verbose=verbose)

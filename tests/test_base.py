@@ -87,12 +87,19 @@ def test_retrain_forces_training(tmp_path, counted):
     assert len(counted) == 2
 
 
-def test_default_spec_follows_fast_mode(monkeypatch):
+def test_fast_is_read_in_the_lessons_config_cell_not_in_the_library(monkeypatch):
+    """The config cell reads NBLIB_FAST once and passes FAST down: base, sft and chat never read it."""
+    import inspect
+
+    from nblib import sft
+
     monkeypatch.setenv("NBLIB_FAST", "1")
-    assert base.default_spec() == base.FAST
-    monkeypatch.setenv("NBLIB_FAST", "0")
-    assert base.default_spec() == base.FULL
-    assert base.default_spec(fast=True) == base.FAST
+    assert base.default_spec(False) == base.FULL and base.default_spec(True) == base.FAST
+    assert sft.default_spec(False) == sft.FULL and sft.default_spec(True) == sft.FAST
+    with pytest.raises(TypeError):
+        base.default_spec()   # no hidden default from the environment
+    for module in (base, sft, chat):
+        assert "is_fast" not in inspect.getsource(module) and "NBLIB_FAST=" not in inspect.getsource(module), module
 
 
 def test_full_spec_is_the_lesson_size():

@@ -72,10 +72,10 @@ def test_loss_at_step_0_is_ln2_when_the_policy_is_the_reference():
     policy = copy.deepcopy(ref)
     ref_lp = dpo.reference_logprobs(ref, PAIRS, TOK.pad_id)
     for beta in (0.1, 1.0):
-        loss, metrics = dpo.loss_fn(beta)(policy, dpo.collate(PAIRS, ref_lp, TOK.pad_id))
+        loss, metrics = dpo.make_loss_fn(dpo.DPOConfig(beta=beta))(policy, dpo.collate(PAIRS, ref_lp, TOK.pad_id))
         assert abs(loss.item() - math.log(2)) < 1e-6
         assert abs(metrics["reward_margin"].item()) < 1e-6
-    assert dpo.implicit_reward_accuracy(policy, PAIRS, ref_lp, 0.1, TOK.pad_id) == 0.0   # all ties
+    assert dpo.implicit_reward_accuracy(policy, PAIRS, ref_lp, dpo.DPOConfig(), TOK.pad_id) == 0.0   # all ties
 
 
 def test_a_few_steps_learn_an_easy_preference():
@@ -85,22 +85,22 @@ def test_a_few_steps_learn_an_easy_preference():
     questions = ["Hi", "Hello", "Say it", "Now?", "Go on", "Well", "Sing", "Yes or no"]
     train_pairs = [pair(q, "a" * (1 + i % 3), "z" * (1 + i % 3)) for i, q in enumerate(questions)]
     held_out = [pair("Another one", "aa", "zz"), pair("Last", "aaaa", "zzzz"), pair("Hm", "a", "zzz")]
-    beta = 0.5
+    cfg = dpo.DPOConfig(beta=0.5)
     train_ref = dpo.reference_logprobs(ref, train_pairs, TOK.pad_id)
     held_ref = dpo.reference_logprobs(ref, held_out, TOK.pad_id)
 
     def margin(model):  # log pi(chosen) - log pi(rejected) on the held-out pairs
-        r = dpo.implicit_rewards(model, held_out, held_ref, beta, TOK.pad_id)
-        return ((r[:, 0] - r[:, 1]) / beta + held_ref[:, 0] - held_ref[:, 1]).mean().item()
+        r = dpo.implicit_rewards(model, held_out, held_ref, cfg, TOK.pad_id)
+        return ((r[:, 0] - r[:, 1]) / cfg.beta + held_ref[:, 0] - held_ref[:, 1]).mean().item()
 
     before = margin(policy)
     trainer = train.Trainer(policy, train.TrainConfig(max_steps=15, lr=1e-2, min_lr=1e-2, warmup_steps=0,
                                                       weight_decay=0.0, dtype="float32"))
-    step_loss = dpo.loss_fn(beta)
+    step_loss = dpo.make_loss_fn(cfg)
     results = [trainer.step([dpo.collate(train_pairs, train_ref, TOK.pad_id)], step_loss) for _ in range(15)]
     assert results[0]["loss"].item() == pytest.approx(math.log(2), abs=1e-6)
     assert results[-1]["loss"].item() < 0.2 and results[-1]["reward_accuracy"].item() == 1.0
-    assert dpo.implicit_reward_accuracy(policy, held_out, held_ref, beta, TOK.pad_id) == 1.0
+    assert dpo.implicit_reward_accuracy(policy, held_out, held_ref, cfg, TOK.pad_id) == 1.0
     assert margin(policy) > before + 5.0
     assert trainer.history.metrics["reward_accuracy"][-1] == 1.0
 
@@ -115,14 +115,23 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match=r"must be \[2, 2\]"):
         dpo.collate(PAIRS[:2], ref_lp, TOK.pad_id)
     with pytest.raises(ValueError, match="no pairs"):
-        dpo.implicit_reward_accuracy(model, [], ref_lp[:0], 0.1, TOK.pad_id)
+        dpo.implicit_reward_accuracy(model, [], ref_lp[:0], dpo.DPOConfig(), TOK.pad_id)
     with pytest.raises(ValueError, match="rows of reference log-probs"):
-        dpo.implicit_reward_accuracy(model, PAIRS[:2], ref_lp, 0.1, TOK.pad_id)
+        dpo.implicit_reward_accuracy(model, PAIRS[:2], ref_lp, dpo.DPOConfig(), TOK.pad_id)
     empty = prefs.PairBatch(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, 5, dtype=torch.bool),
                             torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="empty PairBatch"):
         dpo.completion_logprobs(model, empty)
     with pytest.raises(ValueError, match="empty PairBatch"):
-        dpo.loss_fn(0.1)(model, dpo.DPOBatch(empty, torch.zeros(0)))
+        dpo.make_loss_fn(dpo.DPOConfig())(model, dpo.DPOBatch(empty, torch.zeros(0)))
     with pytest.raises(ValueError, match="beta must be > 0"):
-        dpo.loss_fn(0.0)
+        dpo.DPOConfig(beta=0.0)
+
+
+def test_dpo_config_builds_the_reward_models_schedule():
+    """One idiom: DPO's TrainConfig comes from its config, by the same function as the reward model's."""
+    cfg = dpo.DPOConfig(beta=0.3, batch_size=8, lr=1e-3)
+    assert cfg.train_config(100, seed=2) == train.finetune_config(100, 1e-3, 8, seed=2)
+    t = cfg.train_config(100)
+    assert (t.max_steps, t.lr, t.min_lr, t.warmup_steps, t.weight_decay, t.eval_interval, t.dtype) == \
+        (100, 1e-3, 1e-4, 5, 0.0, 25, "float32")

@@ -65,12 +65,12 @@ def test_grpo_learns_to_say_a_rewarded_character(average):
     a_id = TOK.encode("a")[0]
     policy = tiny(3)
     cfg = grpo.GRPOConfig(prompts_per_step=8, group_size=8, max_new_tokens=6, average=average, epochs=2,
-                          minibatches=2)
+                          minibatches=2, lr=3e-2)
 
     def draw(rng, n):
         return [rng.choice(prompts(4)) for _ in range(n)], lambda i, completion: float(a_id in completion)
 
-    trained, log = grpo.run(policy, policy, draw, cfg, 25, TOK.end_id, TOK.pad_id, lr=3e-2, seed=0, desc="test")
+    trained, log = grpo.run(policy, policy, draw, cfg, 25, TOK.end_id, TOK.pad_id, seed=0, desc="test")
     first, last = sum(h["reward"] for h in log[:3]) / 3, sum(h["reward"] for h in log[-3:]) / 3
     assert first < 0.4 and last > first + 0.4, [round(h["reward"], 2) for h in log]
     assert set(log[0]) >= {"reward", "all_equal", "kl", "length", "ended", "clip_fraction"}
@@ -86,3 +86,17 @@ def test_rollout_refuses_a_reward_that_is_not_finite(bad):
         grpo.rollout(model, model, prompts(2), lambda i, c: bad if i == 1 else 1.0, cfg, TOK.end_id, TOK.pad_id)
     with pytest.raises(ValueError, match="reward_fn returned 'yes' for prompt 0"):
         grpo.rollout(model, model, prompts(2), lambda i, c: "yes", cfg, TOK.end_id, TOK.pad_id)
+
+
+def test_each_method_config_builds_its_train_config_in_one_place():
+    """One idiom across post-training: a method's config holds its hyper-parameters, and
+    ``cfg.train_config(...)`` turns them into the TrainConfig (no TrainConfig fields copied by hand)."""
+    from nblib import dpo, ppo, reward, train
+
+    g = grpo.GRPOConfig(epochs=2, minibatches=3, lr=5e-4, warmup_steps=4).train_config(10)
+    assert (g.max_steps, g.lr, g.min_lr, g.warmup_steps, g.weight_decay, g.grad_clip, g.dtype) == \
+        (60, 5e-4, 5e-4, 4, 0.0, 1.0, "float32")
+    p = ppo.PPOConfig(epochs=4, minibatches=2).train_config(5)
+    assert (p.max_steps, p.lr, p.min_lr, p.warmup_steps) == (40, 3e-4, 3e-4, 0)
+    assert reward.RewardConfig(steps=300).train_config(1) == train.finetune_config(300, 1e-3, 32, seed=1)
+    assert dpo.DPOConfig().train_config(300) == train.finetune_config(300, 3e-4, 32)

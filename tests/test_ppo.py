@@ -105,10 +105,10 @@ def test_run_is_reproducible_records_health_and_leaves_its_inputs_alone():
     rm = reward.ScalarHead(copy.deepcopy(policy)).eval()
     torch.nn.init.normal_(rm.head.weight, std=0.5)
     start = [p.clone() for p in policy.parameters()] + [p.clone() for p in rm.parameters()]
-    cfg = ppo.PPOConfig(prompts_per_iter=6, max_new_tokens=6, epochs=1, minibatches=2)
+    cfg = ppo.PPOConfig(prompts_per_iter=6, max_new_tokens=6, epochs=1, minibatches=2, lr=1e-2)
 
     def go(seed):
-        return ppo.run(policy, rm, policy, prompts(), cfg, 3, TOK.end_id, TOK.pad_id, lr=1e-2, seed=seed,
+        return ppo.run(policy, rm, policy, prompts(), cfg, 3, TOK.end_id, TOK.pad_id, seed=seed,
                        extra=lambda exp: {"rows": float(exp.ids.shape[0])}, desc="test")
 
     trained, log = go(0)

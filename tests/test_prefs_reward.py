@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from nblib import chat, llama, prefs, reward, rl
+from nblib import chat, llama, prefs, reward
 
 TOK = chat.ChatTokenizer()
 
@@ -148,8 +148,8 @@ def test_train_reward_model_starts_at_ln2_and_leaves_the_language_model_alone():
     before = [p.clone() for p in lm.parameters()]
     good, bad = TOK.encode("good")[0], TOK.encode("x")[0]
     pairs = [prefs.Pair([1], [good, good, 3], [bad, bad, 3], 1.0, 0.0)] * 16
-    rm, history = reward.train_reward_model(lm, pairs, pairs[:4], TOK.pad_id, steps=40, batch_size=8, lr=1e-2,
-                                            show_progress=False)
+    rm, history = reward.train_reward_model(lm, pairs, pairs[:4], TOK.pad_id,
+                                            reward.RewardConfig(steps=40, batch_size=8, lr=1e-2), show_progress=False)
     assert abs(history.loss[0] - math.log(2)) < 1e-6 and history.loss[-1] < 0.1
     assert not rm.training and reward.pair_accuracy(rm, pairs, TOK.pad_id) == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, lm.parameters()))

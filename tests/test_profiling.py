@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from nblib import llama, profiling
+from nblib import hardware, llama, profiling
 from nblib.checks import CheckFailed
 from nblib.checks import profiling as checks
 
@@ -17,40 +17,40 @@ def tiny(**sizes):
 
 def test_mfu_by_hand():
     # 1e9 FLOPs per token at 2,000 tokens/s is 2e12 FLOP/s; on a 4e12 peak, half
-    assert profiling.mfu(1e9, 2000, 4e12) == pytest.approx(0.5)
+    assert hardware.mfu(1e9, 2000, 4e12) == pytest.approx(0.5)
     model = tiny()
     n = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
     assert model.flops_per_token(8) == 6 * n + 12 * 2 * 16 * 8
-    assert profiling.mfu(model.flops_per_token(8), 4 * 8 / 0.5, 1e9) == pytest.approx(model.flops_per_token(8) * 64 / 1e9)
+    assert hardware.mfu(model.flops_per_token(8), 4 * 8 / 0.5, 1e9) == pytest.approx(model.flops_per_token(8) * 64 / 1e9)
 
 
 def test_peak_table_on_real_names():
-    assert profiling.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
-    assert profiling.peak_flops("NVIDIA H100 80GB HBM3", "tf32") == 494.7e12
-    assert profiling.peak_flops("NVIDIA H200", "float32") == 66.9e12
-    assert profiling.peak_flops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
-    assert profiling.peak_flops("NVIDIA A100 80GB PCIe", "tf32") == 156e12
-    assert profiling.peak_flops("Tesla T4", "float16") == 65e12
-    assert profiling.peak_flops("Tesla T4", "float32") == 8.1e12
-    assert profiling.lookup_peak("NVIDIA L4").device == "NVIDIA L4"
-    assert profiling.lookup_peak("NVIDIA L40S") is None          # not an L4
-    assert profiling.lookup_peak("NVIDIA H100 PCIe") is None     # not the SXM part
-    assert profiling.lookup_peak("NVIDIA GeForce RTX 4090").flops["bfloat16"] == 165.2e12
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert hardware.peak_flops("NVIDIA H100 80GB HBM3", "tf32") == 494.7e12
+    assert hardware.peak_flops("NVIDIA H200", "float32") == 66.9e12
+    assert hardware.peak_flops("NVIDIA A100-SXM4-40GB", "bfloat16") == 312e12
+    assert hardware.peak_flops("NVIDIA A100 80GB PCIe", "tf32") == 156e12
+    assert hardware.peak_flops("Tesla T4", "float16") == 65e12
+    assert hardware.peak_flops("Tesla T4", "float32") == 8.1e12
+    assert hardware.lookup_peak("NVIDIA L4").device == "NVIDIA L4"
+    assert hardware.lookup_peak("NVIDIA L40S") is None          # not an L4
+    assert hardware.lookup_peak("NVIDIA H100 PCIe") is None     # not the SXM part
+    assert hardware.lookup_peak("NVIDIA GeForce RTX 4090").flops["bfloat16"] == 165.2e12
     with pytest.raises(ValueError, match="no bfloat16"):
-        profiling.peak_flops("Tesla T4", "bfloat16")
+        hardware.peak_flops("Tesla T4", "bfloat16")
     with pytest.raises(KeyError, match="no peak FLOP/s known for 'Some GPU 9000'"):
-        profiling.peak_flops("Some GPU 9000")
-    assert profiling.lookup_peak("Some GPU 9000") is None
-    assert all(p.source for p in profiling.PEAKS)
+        hardware.peak_flops("Some GPU 9000")
+    assert hardware.lookup_peak("Some GPU 9000") is None
+    assert all(p.source for p in hardware.PEAKS)
 
 
 def test_cpu_peak_arithmetic():
-    zen4 = profiling.CpuInfo("AMD EPYC", 2, 2.6, frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}), "AuthenticAMD", 25)
-    assert profiling.fp32_flops_per_cycle(zen4) == 32 and zen4.has_bf16
-    xeon = profiling.CpuInfo("Xeon", 4, 2.0, frozenset({"avx2", "fma", "avx512f"}), "GenuineIntel", 6)
-    assert profiling.fp32_flops_per_cycle(xeon) == 64 and not xeon.has_bf16
-    assert profiling.cpu_peak_flops(2, 2.6, 32) == pytest.approx(166.4e9)
-    assert profiling.cpu_info().cores >= 1
+    zen4 = hardware.CpuInfo("AMD EPYC", 2, 2.6, frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}), "AuthenticAMD", 25)
+    assert hardware.fp32_flops_per_cycle(zen4) == 32 and zen4.has_bf16
+    xeon = hardware.CpuInfo("Xeon", 4, 2.0, frozenset({"avx2", "fma", "avx512f"}), "GenuineIntel", 6)
+    assert hardware.fp32_flops_per_cycle(xeon) == 64 and not xeon.has_bf16
+    assert hardware.cpu_peak_flops(2, 2.6, 32) == pytest.approx(166.4e9)
+    assert hardware.cpu_info().cores >= 1
 
 
 def test_saved_tensor_counter_by_hand():
@@ -84,14 +84,6 @@ def test_manual_attention_matches_sdpa():
     logits2, loss2 = model(x, x)
     torch.testing.assert_close(logits2, logits, atol=1e-5, rtol=1e-5)
     assert isinstance(model.model.layers[0].self_attn, profiling.ManualAttention)
-
-
-def test_pad_vocab_keeps_the_real_rows():
-    model = tiny()
-    padded = profiling.pad_vocab(model, 64)
-    assert padded.config.vocab_size == 64
-    torch.testing.assert_close(padded.lm_head.weight[:32], model.lm_head.weight)
-    torch.testing.assert_close(padded.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
 
 
 @pytest.mark.parametrize("name,category", [
@@ -230,9 +222,9 @@ def test_checks_reject_wrong_answers():
                                   "NVIDIA H100 NVL", "NVIDIA L40", "NVIDIA A100X", "NVIDIA H100 PCIe"])
 def test_a_card_whose_name_contains_a_known_one_is_not_that_card(name):
     """Today's substring match gave these the peak of the card named inside them (a T400 got a T4's)."""
-    assert profiling.lookup_peak(name) is None
+    assert hardware.lookup_peak(name) is None
     with pytest.raises(KeyError, match="pass the peak yourself"):
-        profiling.peak_flops(name)
+        hardware.peak_flops(name)
 
 
 KNOWN_NAMES = [("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM"), ("NVIDIA H100 SXM", "NVIDIA H100 SXM"),
@@ -243,4 +235,4 @@ KNOWN_NAMES = [("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM"), ("NVIDIA H100 SXM",
 
 @pytest.mark.parametrize("name,device", KNOWN_NAMES)
 def test_known_cards_under_the_names_torch_gives_them(name, device):
-    assert profiling.lookup_peak(name).device == device
+    assert hardware.lookup_peak(name).device == device

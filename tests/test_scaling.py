@@ -137,12 +137,12 @@ def test_checks_accept_the_reference_and_reject_mistakes():
         checks.check_fit_power_law(lambda x, y: None)
 
 
-def test_heldout_loss_is_the_mean_over_fixed_windows_and_restores_train_mode():
+def test_heldout_window_loss_is_the_mean_over_fixed_windows_and_restores_train_mode():
     torch.manual_seed(0)
     config = scaling.model_config(1, 16, vocab_size=11, block_size=8)
     model = llama.Llama(config).train()
     val_ids = torch.randint(0, 11, (100,))
-    got = scaling.heldout_loss(model, val_ids, seq_len=8, n_windows=5, batch_size=2)
+    got = scaling.heldout_window_loss(model, val_ids, seq_len=8, n_windows=5, batch_size=2)
     assert model.training
     model.eval()
     starts = torch.linspace(0, 100 - 8 - 1, 5).long().tolist()  # evenly spread, first and last included

@@ -67,10 +67,3 @@ def test_a_damaged_cache_is_trained_again(tmp_path, counted, capsys):
     again = sft.load_or_train(TINY, BASE, cache_dir=tmp_path, show_progress=False)
     assert "unreadable" in capsys.readouterr().out
     assert not again.from_cache and len(counted) == 2 and load(tmp_path).from_cache
-
-
-def test_default_spec_follows_fast_mode(monkeypatch):
-    monkeypatch.setenv("NBLIB_FAST", "1")
-    assert sft.default_spec() == sft.FAST
-    monkeypatch.setenv("NBLIB_FAST", "0")
-    assert sft.default_spec() == sft.FULL

@@ -337,8 +337,38 @@ def test_a_nan_loss_stops_training_with_a_clear_error():
     assert math.isnan(trainer.history.loss[2])   # the history is still there to look at
 
 
-def test_sft_heldout_loss_refuses_batches_without_assistant_tokens():
+def test_sft_heldout_assistant_loss_refuses_batches_without_assistant_tokens():
     from nblib import sft
     empty = sft.collate([([1, 2, 3], [False, False, False])], pad_id=0)
     with pytest.raises(ValueError, match="no assistant token"):
-        sft.heldout_loss(model(), [empty])
+        sft.heldout_assistant_loss(model(), [empty])
+
+
+@pytest.mark.parametrize("capability, want", [((7, 5), "float16"), ((7, 0), "float16"), ((8, 0), "bfloat16"),
+                                              ((9, 0), "bfloat16")])
+def test_auto_dtype_is_one_rule_bf16_from_ampere_fp16_with_a_scaler_before(monkeypatch, capability, want):
+    """T4 and V100 (7.x) say is_bf16_supported() but emulate it: "auto" gives them float16 and a GradScaler."""
+    from nblib.train import grad_scaler, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype(torch.device("cuda"), "auto") == want
+    assert resolve_dtype("cpu", "auto") == "float32"
+    assert resolve_dtype("cuda", "float32") == "float32"   # an explicit dtype is kept
+    scaler = grad_scaler("cuda", "auto")
+    assert (scaler is not None) == (want == "float16")
+
+
+def test_fused_adamw_is_a_train_config_field_that_trainer_honours():
+    from nblib.train import Trainer
+
+    assert configure_optimizer(model(), TrainConfig()).defaults["fused"]   # None: fused on CUDA and CPUs
+    assert not configure_optimizer(model(), TrainConfig(fused_adamw=False)).defaults["fused"]
+    plain, fused = Trainer(model(), TrainConfig(**SMALL, fused_adamw=False)), Trainer(model(), TrainConfig(**SMALL))
+    assert fused.optimizer.defaults["fused"] is True
+    train_ids, _ = data()
+    for trainer in (plain, fused):
+        torch.manual_seed(0)   # the same dropout masks
+        run(trainer, train_ids, 2)
+    for p, q in zip(plain.model.parameters(), fused.model.parameters()):   # the same update, in one kernel
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)

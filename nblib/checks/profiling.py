@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from nblib import llama, profiling
+from nblib import hardware, llama, profiling
 from nblib.checks import CheckFailed, call_learner, expect_close, passed
 from nblib.train import TrainConfig, configure_optimizer
 
@@ -25,7 +25,7 @@ def check_mfu(measured_mfu) -> None:
     for sizes, seconds, B, T, peak in (({}, 0.01, 4, 16, 1e12), (dict(n_layer=3, n_embd=32), 0.25, 2, 8, 5e10),
                                       (dict(block_size=64), 1.0, 8, 64, 2e9)):
         model = _tiny(**sizes)
-        expected = profiling.mfu(model.flops_per_token(T), B * T / seconds, peak)
+        expected = hardware.mfu(model.flops_per_token(T), B * T / seconds, peak)
         got = call_learner("measured_mfu", measured_mfu, model, seconds, B, T, peak)
         expect_close(f"measured_mfu(model {sizes or 'default'}, {seconds} s/step, B={B}, T={T}, peak={peak:g})",
                      got, expected, atol=0, rtol=1e-6)
@@ -60,7 +60,7 @@ def check_bf16_step(bf16_step, n_steps: int = 4) -> None:
 
     It runs, every nn.Linear produced bfloat16, the weights stayed float32 (autocast, not
     ``model.bfloat16()``), and the losses track a float32 run within ``BF16_LOSS_TOL``."""
-    if not profiling.cpu_info().has_bf16 and not torch.cuda.is_available():
+    if not hardware.cpu_info().has_bf16 and not torch.cuda.is_available():
         print("(this CPU has no AVX-512 BF16: bf16_step is checked for running and for the loss only)")
     model = _tiny(seed=3)
     reference = copy.deepcopy(model)
