@@ -32,9 +32,13 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``dpo``: direct preference optimisation: the policy's log-probs against a frozen reference, no reward model (10)
 - ``grpo``: RL with a verifiable reward: groups of replies, advantages within each group, no value model (11)
 - ``scaling``: FLOPs of a training run, IsoFLOP sweeps, parabola and power-law fits, the loss surface L(N, D) (12)
-- ``profiling``: torch.profiler categories, MFU and the peak table, activation memory, the speed ladder (13)
+- ``hardware``: the GPU peak FLOP/s table, the CPU's peak, MFU, timers that wait for the device (13, 14)
+- ``profiling``: torch.profiler categories, activation memory, the speed ladder (13)
 - ``shards``: token shards (uint16 files, a manifest with sha256), their preparation, the rows each process reads (14)
-- ``pretrain``: the training program, ``python -m nblib.pretrain``: presets, DDP under torchrun, exact resume (14)
+- ``presets``: what the training program trains: its presets, their tiny forms, the checks of every setting (14)
+- ``processes``: the processes of a run: torchrun's ranks, DDP wrapping, stop signals, the one-run-per-folder lock (14)
+- ``runlog``: a run's ``log.jsonl``, written by rank 0 and read back, plotted or launched from a notebook (14)
+- ``pretrain``: the training program, ``python -m nblib.pretrain``: the run, its measurements, exact resume, the command line (14)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
 from nblib.record import headline

@@ -32,6 +32,7 @@ switched (and tied embeddings) the model *is* lesson 06's ``nblib.gpt.GPT`` with
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nblib.hf_dir import check_special_tokens, read_hf_config, read_hf_weights, write_hf_dir
-from nblib.kvcache import KVCache, causal_mask
+from nblib.kvcache import KVCache, causal_mask, new_cache
 from nblib.lm import lm_loss, token_positions
 from nblib import sample  # lesson 06's sampler: the generators here choose tokens with it
 
@@ -107,7 +108,9 @@ class LlamaConfig:
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight. LayerNorm without the mean subtraction and without the bias:
-    cheaper, and in practice as good. Computed in float32 whatever the input dtype."""
+    cheaper, and in practice as good. Computed in float32 whatever the input dtype; the gain
+    is applied after the cast back, as Hugging Face's Llama does. (``F.rms_norm`` is
+    ``x * rsqrt(mean(x**2) + eps)`` in one call: fewer small ops than writing it out.)"""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -115,9 +118,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, n_positions: int, theta: float = 10000.0,
@@ -341,6 +342,29 @@ class Llama(nn.Module):
         return (logits, loss, hidden) if return_hidden else (logits, loss)
 
 
+# ---------------------------------------------------------------------------- vocabulary padding
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple``. GPU matmul kernels tile in 64s
+    and 128s; a ragged dimension (65, or GPT-2's 50257) leaves tiles part-empty and may pick a
+    slower kernel. The extra tokens never occur in the data; training pushes their logits down."""
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+def resize_vocab(model: Llama, vocab_size: int) -> Llama:
+    """A copy of ``model`` with ``vocab_size`` rows in its embedding and output matrices: the
+    first rows keep their weights, new ones are initialised as in a fresh model. Padding (more
+    rows) and unpadding (fewer: the padding tokens can then never be sampled, and the model
+    exports with its tokenizer's vocabulary) are this one function."""
+    new = Llama(dataclasses.replace(model.config, vocab_size=vocab_size)).to(next(model.parameters()).device)
+    old = model.state_dict()
+    with torch.no_grad():
+        for name, value in new.state_dict().items():
+            rows = min(value.shape[0], old[name].shape[0])
+            value[:rows].copy_(old[name][:rows])  # whole tensors, or the first rows of the vocabulary ones
+    return new
+
+
 # ---------------------------------------------------------------------------- generation
 
 @torch.no_grad()
@@ -352,7 +376,10 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, use_cache: bo
     Without the cache this is lesson 06's ``nblib.sample.generate``: every step runs the
     whole sequence again. With it: one *prefill* pass over the prompt fills the cache,
     then each *decode* step runs the model on the one newest token. Both choose tokens
-    with ``nblib.sample.sample_next_token`` (temperature 0 is greedy).
+    with ``nblib.sample.sample_next_token`` (temperature 0 is greedy; else one random number
+    per row per step from ``generator``), so a seed gives the same tokens either way.
+    ``nblib.engine`` (lesson 08) is this loop for prompts of different lengths, as
+    ``prefill`` and ``decode_step`` calls. Any model of the course contract runs here.
     """
     if not use_cache:
         return sample.generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -370,8 +397,7 @@ def generate(model: Llama, idx: torch.Tensor, max_new_tokens: int, use_cache: bo
                          f"more than block_size={model.config.block_size}, the longest the cache holds")
     was_training = model.training
     model.eval()
-    param = next(model.parameters())
-    cache = KVCache(model.config, idx.shape[0], max_len=total, device=idx.device, dtype=param.dtype)
+    cache = new_cache(model, idx.shape[0], max_len=total)
     out = [idx]
     try:
         logits, _ = model(idx, cache=cache)  # prefill: the whole prompt at once

@@ -11,12 +11,12 @@ device, and runs unchanged under ``torchrun`` on several GPUs and machines (DDP)
 Every piece comes from a lesson and is imported, not rewritten: the model (``nblib.llama``),
 the optimizer step with its schedule, clipping, accumulation, autocast and GradScaler
 (``nblib.train.Trainer``), checkpoints (``nblib.checkpoint``), the peak FLOP/s table and
-MFU (``nblib.profiling``), token shards (``nblib.shards``). What is new here is what a run
+MFU (``nblib.hardware``), token shards (``nblib.shards``). What is new here is what a run
 at scale adds around them:
 
 - **Speed**: bfloat16 autocast where the GPU has it (float16 with a GradScaler where it
   does not, float32 on a CPU), TF32 matmuls, SDPA (flash) attention, ``torch.compile``
-  (on by default on CUDA), fused AdamW on CUDA, the vocabulary padded to a multiple of 128,
+  (on by default on CUDA), fused AdamW (on CUDA and CPUs), the vocabulary padded to a multiple of 128,
   no host sync inside a step (losses stay on the device until a log row reads them),
   batches from memory-mapped shards, copied from pinned memory without blocking.
 - **Data parallelism**: under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the
@@ -35,8 +35,12 @@ at scale adds around them:
   ``--out`` must be a disk they share. ``best.safetensors`` keeps the weights with the
   lowest val loss so far.
 
+The program's pieces: the presets (``nblib.presets``), the processes, DDP, signals and the run
+lock (``nblib.processes``), the log and reading it back from a notebook (``nblib.runlog``);
+here, the training run itself (``TrainingRun``), its measurements and the command line.
+
 The run writes, in ``--out``: ``config.json`` (the settings and what they imply),
-``log.jsonl`` (one JSON object per line, see ``RunLog``) and ``ckpt.safetensors``.
+``log.jsonl`` (one JSON object per line, see ``nblib.runlog.RunLog``) and ``ckpt.safetensors``.
 
 **What it survives.** One run per ``--out`` at a time (``run.lock``, held with
 ``fcntl.flock``: the operating system releases it when the process ends, even killed). A
@@ -69,9 +73,7 @@ import math
 import os
 import shlex
 import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,26 +83,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nblib import checkpoint, data, profiling, shards
-from nblib.llama import Llama, LlamaConfig, generate
-from nblib.runmode import is_fast, pick_device, setup
+from nblib import checkpoint, data, hardware, shards
+from nblib.llama import Llama, generate, resize_vocab
+from nblib.presets import PRESETS, Preset, UsageError, accum_steps, check_preset, preset_model, tiny
+from nblib.processes import Env, StopSignals, barrier, init_distributed, lock_out, unwrap, wrap
+from nblib.runlog import RunLog, measurement
+from nblib.runmode import is_fast, setup
 from nblib.train import TrainConfig, Trainer, autocast_context, lr_at, next_token_loss, resolve_dtype
 
-try:
-    import fcntl  # file locks; not on Windows, where runs into one --out are not prevented
-except ImportError:
-    fcntl = None
 
 CHECKPOINT = "ckpt.safetensors"  # everything a resume needs, at the last checkpoint step
 BEST = "best.safetensors"        # the weights with the lowest val loss so far
-LOCK = "run.lock"                # held by the run using the folder (its pid inside)
 RUN_FILES = (CHECKPOINT, BEST, "config.json", "log.jsonl")  # what a run writes (moved aside by --overwrite)
-PROGRESS_S = 30.0                # a line on the console at least this often
 LONG_RUN_S = 600.0               # a CPU run estimated longer than this is told how to make it short
-
-
-class UsageError(ValueError):
-    """A flag or an --out folder the program cannot run with; the message says what to do."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -117,133 +112,6 @@ class Interrupted(KeyboardInterrupt):
 
 # ---------------------------------------------------------------------------- presets
 
-@dataclass
-class Preset:
-    """A run's settings. Every field is also a command-line option (``--max_steps 100``)."""
-
-    data: str = "shakespeare-char"  # shakespeare-char, shakespeare-gpt2 (prepared when missing), fineweb-edu
-                                    # (prepare it first: nblib.shards), or a folder of prepared shards
-    # the model (nblib.llama.LlamaConfig)
-    n_layer: int = 6
-    n_head: int = 6
-    n_kv_heads: int = 0             # 0: one per query head (plain multi-head attention)
-    n_embd: int = 384
-    seq_len: int = 256              # tokens per row: the model's block_size
-    tie_embeddings: bool = False
-    vocab_multiple: int = 128       # the vocabulary is padded up to a multiple of this (GPU matmul tiles)
-    # the batch
-    batch_size: int = 64            # rows per micro-batch, per process
-    global_batch: int = 64          # rows per optimizer step, all processes and micro-batches together
-    # the optimisation (nblib.train.TrainConfig)
-    max_steps: int = 5000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0          # max global gradient norm; 0: no clipping (as nanoGPT)
-    dtype: str = "auto"             # bfloat16, float16 (with a GradScaler), float32, or auto (run_dtype)
-    shuffle: bool = True            # a seeded order of windows, shifted each pass; False: sequential
-    seed: int = 1337                # the model's initialisation and the data order
-    # bookkeeping
-    log_interval: int = 10          # steps between log rows (the only times the host waits for the device)
-    eval_interval: int = 250        # steps between evaluations (also at step 0 and at the end)
-    eval_batches: int = 200         # batches per split per evaluation (each batch_size rows)
-    ckpt_interval: int = 1000       # steps between checkpoints (also at the end)
-    sample_tokens: int = 200        # tokens sampled from the final checkpoint
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
-
-
-PRESETS = {
-    # nanoGPT's shakespeare-char GPU demo (6 layers, 6 heads, 384 wide, block 256, batch 64,
-    # 5000 iterations, lr 1e-3, beta2 0.99), Llama-style and without dropout. nanoGPT's
-    # best validation loss: 1.4697 (A100, about 3 minutes). 16,384 tokens per step.
-    "shakespeare-char": Preset(),
-    # GPT-2 small's shape (12 layers, 12 heads, 768 wide, T=1024, tied embeddings: 124M
-    # parameters with the padded 50,304-token vocabulary) Llama-style, on FineWeb-edu, with
-    # build-nanogpt's recipe: 524,288 tokens per step (512 rows; gradient accumulation where
-    # fewer than 8 GPUs hold 64 rows each), lr 6e-4 warmed up over 715 steps, cosine to 6e-5.
-    # 19,073 steps x 524,288 tokens = 10.0B tokens (one pass over FineWeb-edu's sample-10BT).
-    "gpt2-124m": Preset(data="fineweb-edu", n_layer=12, n_head=12, n_embd=768, seq_len=1024, tie_embeddings=True,
-                        batch_size=64, global_batch=512, max_steps=19_073, lr=6e-4, min_lr=6e-5, warmup_steps=715,
-                        beta2=0.95, eval_interval=250, eval_batches=20, ckpt_interval=1000, sample_tokens=64),
-    # A free Colab T4 (float16 Tensor Cores, no bfloat16: GradScaler): a 30M-parameter model
-    # (10.6M outside the tied embeddings) on GPT-2 tokens of FineWeb-edu, 4,000 steps of
-    # 32,768 tokens = 131M tokens, 194 MFLOP per token: 2.5e16 FLOPs, about 26 min at 25%
-    # of the T4's 65 TFLOP/s (an estimate, not measured). Prepare 140M tokens first.
-    "colab-t4": Preset(data="fineweb-edu", n_layer=6, n_head=6, n_embd=384, seq_len=512, tie_embeddings=True,
-                       batch_size=16, global_batch=64, max_steps=4000, lr=1e-3, min_lr=1e-4, warmup_steps=200,
-                       beta2=0.95, dtype="float16", eval_interval=250, eval_batches=20, ckpt_interval=500,
-                       sample_tokens=64),
-}
-
-# The tiny form of every preset (--tiny, or NBLIB_FAST=1): a ~0.1M-parameter model and a
-# few steps, seconds on a CPU; GPT-2-token presets read tinyshakespeare's GPT-2 tokens
-# (packaged, offline) instead of FineWeb-edu (their 50,304-row embedding is most of the model).
-TINY = dict(n_layer=2, n_head=2, n_kv_heads=0, n_embd=64, seq_len=64, batch_size=8, global_batch=16, max_steps=8,
-            warmup_steps=2, log_interval=1, eval_interval=4, eval_batches=2, ckpt_interval=4, sample_tokens=32)
-TINY_DATA = {"fineweb-edu": "shakespeare-gpt2"}
-
-
-def tiny(preset: Preset) -> Preset:
-    return dataclasses.replace(preset, **TINY, data=TINY_DATA.get(preset.data, preset.data))
-
-
-def model_config(preset: Preset, vocab_size: int) -> LlamaConfig:
-    """The model of ``preset`` for a vocabulary of ``vocab_size`` tokens (padded: the extra
-    rows never occur in the data, and training pushes their logits down)."""
-    padded = preset.vocab_multiple * math.ceil(vocab_size / preset.vocab_multiple)
-    return LlamaConfig(vocab_size=padded, block_size=preset.seq_len, n_layer=preset.n_layer, n_head=preset.n_head,
-                       n_kv_heads=preset.n_kv_heads or None, n_embd=preset.n_embd,
-                       tie_embeddings=preset.tie_embeddings)
-
-
-def accum_steps(preset: Preset, world_size: int) -> int:
-    """Micro-batches per optimizer step, so that every step has ``global_batch`` rows."""
-    per_micro = preset.batch_size * world_size
-    if preset.global_batch % per_micro:
-        raise ValueError(f"global_batch={preset.global_batch} is not a multiple of batch_size x processes = "
-                         f"{preset.batch_size} x {world_size} = {per_micro}: change --batch_size or --global_batch")
-    return preset.global_batch // per_micro
-
-
-POSITIVE = ("n_layer", "n_head", "n_embd", "seq_len", "vocab_multiple", "batch_size", "global_batch", "max_steps",
-            "log_interval", "eval_interval", "eval_batches", "ckpt_interval")
-NON_NEGATIVE = ("n_kv_heads", "warmup_steps", "sample_tokens", "seed")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_preset(preset: Preset) -> None:
-    """Raise ``UsageError`` naming every setting out of its range (all of them, in one message)."""
-    p, problems = preset, []
-    problems += [f"--{n} must be >= 1, got {getattr(p, n)}" for n in POSITIVE if getattr(p, n) < 1]
-    problems += [f"--{n} must be >= 0, got {getattr(p, n)}" for n in NON_NEGATIVE if getattr(p, n) < 0]
-    if not (math.isfinite(p.lr) and p.lr > 0):
-        problems.append(f"--lr must be a finite number > 0, got {p.lr}")
-    if not (math.isfinite(p.min_lr) and 0 <= p.min_lr <= max(p.lr, 0)):
-        problems.append(f"--min_lr must be between 0 and --lr ({p.lr}), got {p.min_lr}")
-    if not (math.isfinite(p.weight_decay) and p.weight_decay >= 0):
-        problems.append(f"--weight_decay must be a finite number >= 0, got {p.weight_decay}")
-    problems += [f"--{n} must be in [0, 1), got {getattr(p, n)}" for n in ("beta1", "beta2")
-                 if not 0 <= getattr(p, n) < 1]
-    if not (math.isfinite(p.grad_clip) and p.grad_clip >= 0):
-        problems.append(f"--grad_clip must be a finite number >= 0 (0: no clipping), got {p.grad_clip}")
-    if p.dtype not in DTYPES:
-        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {p.dtype!r}")
-    if not p.data.strip():
-        problems.append("--data must name a dataset or a folder of shards, got ''")
-    if not problems:  # with every number in range, the model's own checks
-        try:
-            model_config(p, 1)  # n_embd divisible by n_head, n_head by n_kv_heads, an even head size (RoPE)
-        except ValueError as err:
-            problems.append(f"{err} (set --n_embd, --n_head, --n_kv_heads)")
-    if problems:
-        raise UsageError("; ".join(problems))
-
 
 @dataclass
 class RunConfig(TrainConfig):
@@ -252,20 +120,11 @@ class RunConfig(TrainConfig):
     the run) and how often it evaluates: a run may resume on another number of GPUs."""
 
     _RESUMABLE_CHANGES = TrainConfig._RESUMABLE_CHANGES + ("batch_size", "grad_accum_steps", "eval_interval",
-                                                           "eval_batches")
-
-
-def run_dtype(device: torch.device, dtype: str = "auto") -> str:
-    """The autocast dtype. "auto": bfloat16 on a GPU with bfloat16 Tensor Cores (compute
-    capability 8.0 on: A100, H100, L4, RTX 30xx), float16 (with a GradScaler) on older ones
-    (T4, V100: ``torch.cuda.is_bf16_supported()`` says yes there, but it is emulated, slowly),
-    float32 elsewhere."""
-    if dtype == "auto" and device.type == "cuda":
-        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float16"
-    return resolve_dtype(device, dtype)
+                                                           "eval_batches", "fused_adamw")
 
 
 def train_config(preset: Preset, accum: int, ckpt: Path, dtype: str = "float32") -> RunConfig:
+    """The run's TrainConfig (AdamW fused on CUDA and CPUs: ``nblib.train.configure_optimizer``)."""
     p = preset
     return RunConfig(max_steps=p.max_steps, batch_size=p.batch_size, block_size=p.seq_len, grad_accum_steps=accum,
                      lr=p.lr, min_lr=p.min_lr, warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
@@ -276,93 +135,29 @@ def train_config(preset: Preset, accum: int, ckpt: Path, dtype: str = "float32")
 
 # ---------------------------------------------------------------------------- processes
 
-@dataclass
-class Env:
-    """Which process this is: rank among ``world_size`` processes, ``local_rank`` on its machine."""
-
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1       # processes on this machine
-
-    @property
-    def devices(self) -> int:
-        """How many devices' peaks the run has: one per GPU process; CPU processes share their
-        machine's cores, so one per machine."""
-        return self.world_size if self.device.type == "cuda" else max(1, self.world_size // self.local_world_size)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str | None = None) -> Env:
-    """Join torchrun's process group if torchrun started us (NCCL on GPUs, gloo on CPUs);
-    otherwise a single process on the best device. Each GPU process takes GPU ``LOCAL_RANK``."""
-    if "RANK" not in os.environ:
-        return Env(pick_device(device))
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if cuda:
-        where = torch.device("cuda", local)
-        torch.cuda.set_device(where)
-        dist.init_process_group("nccl", device_id=where)
-    else:
-        where = torch.device(device or "cpu")
-        dist.init_process_group("gloo")
-    return Env(where, rank, local, world, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers.
-
-    Their state dicts prefix every name (``module._orig_mod.lm_head.weight``); a checkpoint
-    saved from the plain model loads into a plain model, compiled or not, on any number of GPUs."""
-    while True:
-        if isinstance(model, DDP):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def fused_adamw(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:
-    """The same AdamW (groups and hyper-parameters) as one fused kernel per step instead of
-    several small ones per parameter (CUDA)."""
-    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-    d = optimizer.defaults
-    return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=True)
-
 
 # ---------------------------------------------------------------------------- measuring
 
 def peak_for(device: torch.device, dtype: str) -> tuple[float | None, str]:
     """(peak FLOP/s of one device for the matmuls this run does, where the figure comes from);
-    None when nblib.profiling has no sourced figure for this GPU (better no MFU than a wrong one)."""
+    None when nblib.hardware has no sourced figure for this GPU (better no MFU than a wrong one)."""
     kind = "tf32" if device.type == "cuda" and dtype == "float32" else dtype  # TF32 matmuls are on
     try:
-        return profiling.device_peak(device, kind)
+        return hardware.device_peak(device, kind)
     except (KeyError, ValueError) as err:
         return None, f"no MFU: {err}"
 
 
 def run_mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, devices: int = 1) -> float | None:
     """MFU of the whole run: its FLOP/s over the peak of all its devices (= the MFU of each)."""
-    return None if peak is None else profiling.mfu(flops_per_token, tokens_per_s, peak * devices)
+    return None if peak is None else hardware.mfu(flops_per_token, tokens_per_s, peak * devices)
 
 
 def step_mfu(step_seconds: float, global_batch: int, seq_len: int, flops_per_token: float,
              peak_per_device: float, devices: int = 1) -> float:
     """MFU of one optimizer step of ``global_batch`` x ``seq_len`` tokens on ``devices`` devices
     (lesson 14's exercise): the step's FLOP/s over the peak of all of them."""
-    return profiling.mfu(flops_per_token, global_batch * seq_len / step_seconds, peak_per_device * devices)
+    return hardware.mfu(flops_per_token, global_batch * seq_len / step_seconds, peak_per_device * devices)
 
 
 def choose_batch_size(measured: dict[int, float], budget_bytes: float, global_batch: int) -> tuple[int, float, float]:
@@ -408,7 +203,7 @@ class Speedometer:
         self.mark += seconds
 
     def read(self) -> float:
-        profiling.synchronize(self.device)  # CUDA runs ahead of Python: wait before reading the clock
+        hardware.synchronize(self.device)  # CUDA runs ahead of Python: wait before reading the clock
         seconds = time.perf_counter() - self.mark
         self.intervals.append((self.steps, seconds))
         tokens_per_s = self.steps * self.tokens_per_step / max(seconds, 1e-9)
@@ -420,80 +215,6 @@ class Speedometer:
         counted = self.intervals[1:] or self.intervals
         steps, seconds = sum(s for s, _ in counted), sum(t for _, t in counted)
         return steps * self.tokens_per_step / seconds if seconds else None
-
-
-class RunLog:
-    """``log.jsonl`` and the console, written by rank 0 only (``path=None`` elsewhere).
-
-    One JSON object per line, each with a ``kind``:
-
-    - ``start``: ``step`` (0, or the checkpoint's on resume), ``resumed``, ``world_size``;
-    - ``train``: ``step``, ``loss`` (mean training loss of the steps since the previous row,
-      over all processes), ``lr`` and ``grad_norm`` (before clipping) of that step,
-      ``tokens`` (seen so far), ``tokens_per_s`` (all processes), ``mfu`` (against the peak of
-      one device times config.json's ``devices_in_peak``; None without a peak figure),
-      ``memory_bytes`` (CUDA max allocated, or the CPU's peak RSS), ``elapsed_s``,
-      ``grad_scale`` (float16 only);
-    - ``eval``: ``step``, ``val_loss``, ``train_loss`` (fixed batches of each split), ``elapsed_s``;
-    - ``checkpoint``: ``step``, ``path``;
-    - ``sample``: ``step``, ``prompt``, ``text`` (from the final checkpoint);
-    - ``debug`` (``--debug``): ``step``, ``rows`` and ``window_starts`` of each rank's first micro-batch;
-    - ``summary``: the run's totals (see ``summary``).
-
-    A resumed run appends to the same file; a step logged before the interruption and
-    again after it has the same numbers (to rounding on a GPU).
-    """
-
-    def __init__(self, path: Path | None, append: bool = False):
-        self.path = path
-        # a fresh run starts a fresh log; a resumed one goes on with its own
-        self.file = open(path, "a" if append else "w", encoding="utf-8") if path is not None else None
-        self.printed = time.monotonic()  # when the console last got a line (see ``heartbeat``)
-
-    def write(self, kind: str, **row) -> dict:
-        row = {"kind": kind, **row}
-        if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
-            line = describe_row(row)
-            if line:
-                self.say(line)
-        return row
-
-    def say(self, line: str) -> None:
-        """A console line (rank 0), not a log row."""
-        if self.file is not None:
-            print(line, flush=True)
-            self.printed = time.monotonic()
-
-    def heartbeat(self, what) -> None:
-        """``what()`` on the console if nothing was printed for ``PROGRESS_S`` seconds: a long
-        run on a slow device is never silent for minutes."""
-        if self.file is not None and time.monotonic() - self.printed >= PROGRESS_S:
-            self.say(what())
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def describe_row(row: dict) -> str | None:
-    """One console line for a log row."""
-    kind = row["kind"]
-    if kind == "train":
-        mfu = f" | MFU {row['mfu']:.1%}" if row["mfu"] is not None else ""
-        mem = f" | {row['memory_bytes'] / 2**30:.2f} GiB" if row["memory_bytes"] else ""
-        return (f"step {row['step']:6d} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | grad {row['grad_norm']:.3f}"
-                f" | {row['tokens_per_s']:,.0f} tok/s{mfu}{mem}")
-    if kind == "eval":
-        return f"step {row['step']:6d} | val {row['val_loss']:.4f} | train {row['train_loss']:.4f}"
-    if kind == "sample":
-        return f"--- sample from step {row['step']} ---\n{row['prompt']}{row['text']}\n---"
-    if kind == "summary":
-        return "summary: " + json.dumps(row)
-    if kind in ("start", "checkpoint"):
-        return f"{kind}: " + ", ".join(f"{k}={v}" for k, v in row.items() if k != "kind")
-    return None
 
 
 # ---------------------------------------------------------------------------- data
@@ -581,7 +302,7 @@ def eval_batches(windows: dict[str, shards.Windows], batch_size: int, device: to
 def sample_text(path: Path, manifest: dict, device: torch.device, n_tokens: int, seed: int) -> tuple[str, str]:
     """(prompt, continuation) sampled from the checkpoint at ``path``, loaded into a plain model
     as anyone loading it would (temperature 0.8, top-k 200, KV cache), without the padding tokens."""
-    model = unpadded(checkpoint.load_model(path, device), manifest["vocab_size"])
+    model = resize_vocab(checkpoint.load_model(path, device), manifest["vocab_size"])
     tokenizer = shards.tokenizer_for(manifest)
     if manifest["eot_token"] is not None:
         prompt_ids = [manifest["eot_token"]]  # documents begin after <|endoftext|>
@@ -593,61 +314,9 @@ def sample_text(path: Path, manifest: dict, device: torch.device, n_tokens: int,
     return tokenizer.decode(prompt_ids), tokenizer.decode(out[0, len(prompt_ids):].tolist())
 
 
-def unpadded(model: Llama, vocab_size: int) -> Llama:
-    """A copy of ``model`` with only the first ``vocab_size`` rows of its embedding and output
-    matrices: the padding tokens, which never occur in the data, can then never be sampled
-    (and the model exports with its tokenizer's vocabulary). The reverse of profiling.pad_vocab."""
-    c = model.config
-    small = Llama(dataclasses.replace(c, vocab_size=vocab_size)).to(next(model.parameters()).device)
-    vocab_rows = ("model.embed_tokens.weight", "lm_head.weight")
-    small.load_state_dict({k: v[:vocab_size] if k in vocab_rows else v for k, v in model.state_dict().items()})
-    return small
-
-
-def wrap(model: Llama, env: Env, use_compile: bool) -> torch.nn.Module:
-    """The model as the training step calls it: compiled (``torch.compile``), then in DDP when
-    there are several processes (nanoGPT's order)."""
-    runner = torch.compile(model) if use_compile else model
-    if env.world_size > 1:
-        # DDP also re-sends rank 0's buffers (here only the RoPE tables) about once a step: 2 x T x head_dim
-        # floats, too few to be worth an option whose name changes between torch versions
-        runner = DDP(runner, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    return runner
-
-
-def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DDP (compiled, if it was): rank 0 evaluates with it alone, since
-    DDP's forward would wait for the other processes."""
-    return model.module if isinstance(model, DDP) else model
-
-
 def due(done: int, interval: int, last: int) -> bool:
     """Whether something that happens every ``interval`` steps, and after step ``last``, happens now."""
     return done % interval == 0 or done == last
-
-
-class StopSignals:
-    """While training, SIGINT (Ctrl-C, a notebook's stop button) and SIGTERM (``kill``, a
-    cluster's scheduler, torchrun passing either on) only record that a stop was asked for:
-    the loop stops after the step it is in and saves. Outside the main thread, where Python
-    cannot catch signals, it does nothing."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self.record)
-        return self
-
-    def record(self, signum, _frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *_) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 class StopEvaluation(Exception):
@@ -664,7 +333,7 @@ def duration(seconds: float) -> str:
     return f"{minutes:.0f} min" if minutes >= 1 else f"{seconds:.0f} s"
 
 
-class Run:
+class TrainingRun:
     """One process's part of a training run: everything is built in ``__init__``; ``train()``
     runs the steps and returns the summary (rank 0; the others return {})."""
 
@@ -688,20 +357,18 @@ class Run:
         self.accum = accum_steps(preset, env.world_size)
         # model and trainer
         torch.manual_seed(preset.seed)  # the same initial weights in every process
-        model = Llama(model_config(preset, self.manifest["vocab_size"])).to(device)
+        model = Llama(preset_model(preset, self.manifest["vocab_size"])).to(device)
         self.compile = device.type == "cuda" if opts.compile is None else opts.compile
         self.runner = wrap(model, env, self.compile)
         # The trainer holds the plain model: what it saves has the names a plain model loads.
         self.ckpt = opts.out / CHECKPOINT
-        self.dtype = run_dtype(device, preset.dtype)
+        self.dtype = resolve_dtype(device, preset.dtype)
         self.resumed = opts.resume and self.ckpt.is_file()
         # the lr schedule is the one the run began with, even if --max_steps now goes further
         self.schedule_steps = self.saved_schedule() if self.resumed else preset.max_steps
         schedule = dataclasses.replace(preset, max_steps=self.schedule_steps)
-        self.trainer = Trainer(unwrap(self.runner), train_config(schedule, self.accum, self.ckpt, self.dtype), device,
-                               preset.tokens_per_step)
-        if device.type == "cuda":
-            self.trainer.optimizer = fused_adamw(self.trainer.optimizer)
+        self.trainer = Trainer(unwrap(self.runner), train_config(schedule, self.accum, self.ckpt, self.dtype),
+                               device, preset.tokens_per_step)
         if self.resumed:
             self.resume()
         # measuring and logging
@@ -824,7 +491,7 @@ class Run:
         say how long and how to make it short, before the first evaluation (minutes, on a CPU)."""
         started = time.perf_counter()
         x, y, _ = self.micro_batches(self.trainer.steps_done)[0]
-        model, times = unwrap_ddp(self.runner), []
+        model, times = unwrap(self.runner, keep_compiled=True), []
         with torch.no_grad(), autocast_context(self.env.device, self.dtype):
             for _ in range(3):
                 begun = time.perf_counter()
@@ -882,7 +549,7 @@ class Run:
         get_batch = eval_batches(self.windows, self.preset.batch_size, self.env.device, tick)
         try:
             result = self.trainer.evaluate(get_batch,
-                                           lambda _model, batch: next_token_loss(unwrap_ddp(self.runner), batch))
+                                           lambda _model, batch: next_token_loss(unwrap(self.runner, keep_compiled=True), batch))
         except StopEvaluation:
             self.speed.exclude(time.perf_counter() - started)
             return
@@ -943,7 +610,7 @@ class Run:
             tokens_per_step=p.tokens_per_step, tokens_total=p.tokens_per_step * p.max_steps,
             passes_over_data=p.tokens_per_step * p.max_steps / train_tokens,
             devices_in_peak=env.devices, device=str(env.device), device_name=(torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
-                                                 else profiling.cpu_info().model),
+                                                 else hardware.cpu_info().model),
             dtype=self.dtype, compile=self.compile, peak_flops_per_device=self.peak, peak_source=self.peak_source,
             data=dict(folder=str(self.folder), tokenizer=self.manifest["tokenizer"], source=self.manifest["source"],
                       vocab_size=self.manifest["vocab_size"], train_tokens=train_tokens,
@@ -967,76 +634,10 @@ class Run:
 
 def run(preset: Preset, opts: Options, env: Env) -> dict:
     """Train ``preset`` as this process of ``env``; return the summary row (rank 0) or {}."""
-    return Run(preset, opts, env).train()
-
+    return TrainingRun(preset, opts, env).train()
 
 
 # ---------------------------------------------------------------------------- from a notebook
-
-MEASURED = Path(__file__).resolve().parent / "measured"  # runs measured on GPUs, committed as JSON
-
-
-def read_log(out: str | Path) -> list[dict]:
-    """The rows of ``out/log.jsonl``, in order (see ``RunLog`` for the kinds)."""
-    path = Path(out) / "log.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no log at {path}: has the run started (and is --out right)?")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def log_rows(log: list[dict], kind: str) -> list[dict]:
-    return [r for r in log if r["kind"] == kind]
-
-
-def launch(args: list[str], processes: int = 1, echo: bool = True) -> None:
-    """Run ``python -m nblib.pretrain ARGS`` as a new process (under ``torchrun`` with
-    ``processes`` > 1), printing its output as it comes, as a terminal would. A failed run
-    raises ``RuntimeError`` with the end of its output."""
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "nblib.pretrain", *args]
-    else:
-        command = [sys.executable, "-m", "nblib.pretrain", *args]
-    env = dict(os.environ)
-    if processes > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")  # CPU processes share the cores: one thread each
-    lines = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-        try:
-            for line in proc.stdout:
-                lines.append(line)
-                if echo:
-                    print(line, end="", flush=True)
-        except KeyboardInterrupt:  # the notebook's stop button: stop the run too, not only the reading
-            proc.terminate()  # SIGTERM: the run saves a checkpoint and says how to resume
-            for line in proc.stdout:
-                print(line, end="", flush=True)
-            proc.wait()
-            raise
-        code = proc.wait()
-    if code != 0:
-        tail = "".join(lines[-40:])
-        raise RuntimeError(f"the run failed (exit status {code}): {' '.join(command)}\n--- its last lines ---\n{tail}")
-
-
-def measurement(out: str | Path, preset: str | None = None) -> dict:
-    """What a finished run measured, as one JSON-able record: the device, torch, the date, the
-    command, config.json and the log's train, eval and summary rows (for ``nblib/measured/``)."""
-    out = Path(out)
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    log = read_log(out)
-    summaries = log_rows(log, "summary")
-    if not summaries:
-        raise ValueError(f"{out}: the run has no summary row; it did not finish")
-    return {"kind": "pretrain", "preset": preset, "device": config["device_name"], "torch": config["torch"],
-            "date": time.strftime("%Y-%m-%d"), "command": " ".join(config["command"]), "config": config,
-            "train": log_rows(log, "train"), "eval": log_rows(log, "eval"), "summary": summaries[-1]}
-
-
-def measured_runs(folder: str | Path | None = None) -> list[dict]:
-    """The measured runs committed under ``nblib/measured/`` (``pretrain_*.json``), if any."""
-    folder = Path(folder) if folder else MEASURED
-    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("pretrain_*.json"))]
 
 
 # ---------------------------------------------------------------------------- command line
@@ -1099,7 +700,7 @@ def parser() -> argparse.ArgumentParser:
 
 def preset_from_args(args: argparse.Namespace) -> Preset:
     preset = PRESETS[args.preset]
-    if args.tiny or is_fast():
+    if args.tiny:
         preset = tiny(preset)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Preset) if getattr(args, f.name) is not None}
     return dataclasses.replace(preset, **overrides)
@@ -1124,27 +725,6 @@ def check_args(args: argparse.Namespace, preset: Preset) -> None:
             raise UsageError(f"--device {args.device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: this machine has no CUDA GPU that torch can use")
-
-
-def lock_out(out: Path):
-    """Hold ``out/run.lock`` until the returned file is closed (or the process ends, however it
-    ends: the operating system drops a dead process's locks, so a crash leaves no stale lock)."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / LOCK, "a+", encoding="utf-8")
-    if fcntl is not None:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            lock.close()
-            raise UsageError(f"another run is using {out} (process {holder} holds {out / LOCK}): wait for it to "
-                             "end or stop it, or pass another --out") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    return lock
 
 
 def run_files_to_move(out: Path, resume: bool, overwrite: bool) -> list[str]:
@@ -1227,21 +807,21 @@ def main(argv: list[str] | None = None) -> dict:
     Ctrl-C or SIGTERM during training save a checkpoint and raise ``Interrupted``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.tiny = args.tiny or is_fast()  # NBLIB_FAST=1 is --tiny; the one place the program reads it
     preset = preset_from_args(args)
     check_args(args, preset)
-    small = args.tiny or is_fast()
-    out = Path(args.out or f"runs/{args.preset}{'-tiny' if small else ''}")
+    out = Path(args.out or f"runs/{args.preset}{'-tiny' if args.tiny else ''}")
     env = init_distributed(args.device)
     opts = Options(out=out, data_dir=args.data_dir, resume=args.resume, stop_at=args.stop_at, compile=args.compile,
                    checksums=args.checksums, debug=args.debug, overwrite=args.overwrite,
                    resume_command=resume_command(argv, env))
     # Tiny models on a CPU run on one thread, as nblib.setup does in FAST mode: a second
     # thread only adds synchronisation. The caller's thread count comes back afterwards.
-    one_thread = 1 if small and env.device.type == "cpu" else None
+    one_thread = 1 if args.tiny and env.device.type == "cpu" else None
     lock = None
     try:
         lock = prepare_out(out, args, env)
-        with profiling.threads(one_thread):
+        with hardware.threads(one_thread):
             setup(seed=preset.seed, device=str(env.device), quiet=not env.is_main)
             summary = run(preset, opts, env)
         if args.measured and env.is_main:

@@ -308,10 +308,10 @@ class Windows:
 
     def batch(self, rows: Iterable[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)`` for ``rows`` on ``device``: inputs and the same windows shifted by one."""
-        return to_device(self.rows(rows), device)
+        return windows_to_tensors(self.rows(rows), device)
 
 
-def to_device(windows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def windows_to_tensors(windows: np.ndarray, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows [B, T + 1] -> (x, y) [B, T] on ``device``. On CUDA the host copies are pinned
     (page-locked) and sent with ``non_blocking``: the CPU goes on preparing the next batch
     while the copy runs, and the GPU does not wait for a pageable staging copy."""
