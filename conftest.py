@@ -4,6 +4,7 @@ The environment is set here, before any notebook kernel starts, so kernels inher
 FAST mode unless the caller chose otherwise, and no hub downloads.
 """
 import os
+import signal
 import time
 from collections import defaultdict
 
@@ -17,6 +18,13 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 NOTEBOOK_BUDGET_S = 60.0
 _file_seconds: dict[str, float] = defaultdict(float)
 _started = time.perf_counter()
+
+
+def pytest_configure(config):
+    """A pytest-xdist worker (addopts: -n auto) starts with Ctrl-C ignored, which the programs the tests
+    start would inherit: give it Python's usual handler, so that tests see what a terminal gives them."""
+    if hasattr(config, "workerinput") and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items):
@@ -41,5 +49,6 @@ def pytest_terminal_summary(terminalreporter):
         flag = "  <-- over the %.0f s budget" % NOTEBOOK_BUDGET_S if s > NOTEBOOK_BUDGET_S else ""
         tr.write_line(f"{s:7.1f} s  {f}{flag}")
     units = sum(s for f, s in _file_seconds.items() if not f.endswith(".ipynb"))
+    workers = tr.config.getoption("numprocesses", None) or 1  # pytest-xdist's -n: the sums add up its workers
     tr.write_line(f"{sum(notebooks.values()):7.1f} s  all notebooks; {units:.1f} s unit tests; "
-                  f"{time.perf_counter() - _started:.1f} s wall")
+                  f"{time.perf_counter() - _started:.1f} s wall on {workers} worker{'s' * (workers > 1)}")

@@ -1,12 +1,14 @@
-"""The grader on planted submissions, as a teacher would run it over a class.
+"""The grader on planted submissions, as a teacher would run it over a class (two at a time, --jobs 2).
 
 - alice hands in the instructor versions of every lesson: full marks everywhere;
-- bob hands in the untouched student versions: 0 everywhere, "not attempted";
+- bob hands in the untouched student versions of BOB_LESSONS: 0 everywhere, "not attempted";
 - carol gets one exercise of lesson 01 wrong: she loses exactly its points, with the check's message;
-- dave's lesson-01 exercise loops forever: the time limit stops it, and the rest is still graded.
+- dave's lesson-01 exercise loops forever: the time limit stops it once, and the rest is still graded.
 """
 import csv
+import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,11 +22,16 @@ from nblib.checks import CheckFailed  # noqa: E402
 from nblib.checks.bigram import check_smoothed_probs  # noqa: E402
 import exercises  # noqa: E402
 import grade  # noqa: E402
+from test_checks import learner_functions  # noqa: E402
 
 LESSONS = [l["file"] for l in course.load_course()["lesson"] if l["status"] == "ready"]
 PLANTED = "01_bigram.ipynb"
 WRONG, LOOPING = "01.smoothing", "01.trigram"
-CELL_TIMEOUT = 20  # for dave only: lesson 01's longest FAST cell takes a few seconds
+CELL_TIMEOUT = 20  # for carol and dave: lesson 01's longest FAST cell takes a few seconds
+# An untouched student version runs the whole lesson as alice's does (its exercises come last), so
+# bob hands in three lessons whose runs are short (10 of the course's 50 exercises); for every
+# exercise, test_every_untouched_exercise_is_not_attempted checks what makes his rows "not attempted".
+BOB_LESSONS = ["00_start_here.ipynb", "04_tokenizer.ipynb", "09_reward_model_ppo.ipynb"]
 
 
 def instructor(lesson):
@@ -58,34 +65,48 @@ def solved_except(lesson, exercise_id, body):
     return nb
 
 
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    root = tmp_path_factory.mktemp("class")
-    subs = []
-    for lesson in LESSONS:
-        for who, nb in (("alice", instructor(lesson)), ("bob", student(lesson))):
-            (root / who).mkdir(exist_ok=True)
-            nbformat.write(nb, root / who / lesson)
-            subs.append(root / who / lesson)
-    # ignores alpha: a plausible mistake that the check catches
-    carol = solved_except(PLANTED, WRONG, "return counts.float() / counts.float().sum(dim=1, keepdim=True)")
-    nbformat.write(carol, root / f"carol-{PLANTED}")
-    subs.append(root / f"carol-{PLANTED}")
+def grade_class(root, submissions, *options):
+    """grade.main on {file name: notebook}; returns (grades.json, {student: grades.csv row}, {student: seconds})."""
+    paths = []
+    for name, nb in submissions.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, root / name)
+        paths.append(root / name)
     out = root / "grades"
-    assert grade.main([str(s) for s in subs] + ["--out", str(out)]) == 0  # the default time limits
+    assert grade.main([str(p) for p in paths] + ["--out", str(out), "--jobs", "2", *options]) == 0
     with open(out / "grades.csv", newline="") as f:
         rows = {r["student"]: r for r in csv.DictReader(f)}
-    return json.loads((out / "grades.json").read_text()), rows
+    seconds = {r["student"]: r["seconds"] for r in (json.loads(p.read_text()) for p in (out / "rows").glob("*.json"))}
+    return json.loads((out / "grades.json").read_text()), rows, seconds
 
 
 @pytest.fixture(scope="module")
-def looping(tmp_path_factory):
-    """dave's lesson 01, graded alone with a short per-cell limit (his loop never ends)."""
-    root = tmp_path_factory.mktemp("dave")
-    nbformat.write(solved_except(PLANTED, LOOPING, "while True:\n    pass"), root / f"dave-{PLANTED}")
-    out = root / "grades"
-    assert grade.main([str(root / f"dave-{PLANTED}"), "--out", str(out), "--cell-timeout", str(CELL_TIMEOUT)]) == 0
-    return json.loads((out / "grades.json").read_text())
+def table(tmp_path_factory):
+    """alice and bob, with the default time limits."""
+    submissions = {f"alice/{lesson}": instructor(lesson) for lesson in LESSONS}
+    submissions.update({f"bob/{lesson}": student(lesson) for lesson in BOB_LESSONS})
+    data, rows, _ = grade_class(tmp_path_factory.mktemp("class"), submissions)
+    return data, rows
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """carol's and dave's lesson 01, with a short per-cell limit (dave's loop never ends)."""
+    return grade_class(tmp_path_factory.mktemp("planted"), {
+        # ignores alpha: a plausible mistake that the check catches
+        f"carol-{PLANTED}": solved_except(PLANTED, WRONG, "return counts.float() / counts.float().sum(dim=1, keepdim=True)"),
+        f"dave-{PLANTED}": solved_except(PLANTED, LOOPING, "while True:\n    pass"),
+    }, "--cell-timeout", str(CELL_TIMEOUT))
+
+
+def student_exercises():
+    """(lesson, id, the student version's exercise cell) for every exercise of the course."""
+    found = []
+    for lesson in LESSONS:
+        cells = [c.source for c in student(lesson).cells if c.cell_type == "code"]
+        for ex in exercises.exercises(instructor(lesson), lesson):
+            found.append((lesson, ex.id, next(c for c in cells if c.startswith(f"# Exercise {ex.id} "))))
+    return found
 
 
 def all_exercises():
@@ -113,14 +134,16 @@ def test_instructor_versions_get_full_marks(table):
 def test_untouched_student_versions_get_zero_not_attempted(table):
     data, rows = table
     bob = data["students"]["bob"]
+    ids = [ex.id for lesson in BOB_LESSONS for ex in exercises.exercises(instructor(lesson), lesson)]
+    assert sorted(bob["exercises"]) == sorted(ids) and len(ids) >= 10
     assert bob["total"] == 0
     assert {r["reason"] for r in bob["exercises"].values()} == {"not attempted"}
-    assert rows["bob"][f"{WRONG} reason"] == "not attempted"
+    assert rows["bob"][f"{ids[-1]} reason"] == "not attempted"
 
 
 @pytest.mark.slow
-def test_one_wrong_exercise_loses_exactly_its_points_with_the_checks_message(table):
-    data, rows = table
+def test_one_wrong_exercise_loses_exactly_its_points_with_the_checks_message(planted):
+    data, rows, _ = planted
     carol = data["students"]["carol"]["exercises"]
     points = {ex.id: ex.points for ex in exercises.exercises(instructor(PLANTED), PLANTED)}
     assert carol[WRONG]["points"] == 0 and carol[WRONG]["status"] == "wrong"
@@ -133,10 +156,50 @@ def test_one_wrong_exercise_loses_exactly_its_points_with_the_checks_message(tab
 
 
 @pytest.mark.slow
-def test_an_infinite_loop_is_stopped_by_the_time_limit(looping):
-    dave = looping["students"]["dave"]["exercises"]
+def test_an_infinite_loop_is_stopped_by_the_time_limit(planted):
+    data, _, seconds = planted
+    dave = data["students"]["dave"]["exercises"]
     assert dave[LOOPING]["status"] == "timed out" and str(CELL_TIMEOUT) in dave[LOOPING]["reason"]
     assert all(r["points"] == r["max"] for ex, r in dave.items() if ex != LOOPING), dave
+    # stopped once: its check and hidden tests (which would call the loop again) are not run
+    assert seconds["dave"] < seconds["carol"] + 2 * CELL_TIMEOUT, seconds
+
+
+@pytest.mark.parametrize("lesson, ex_id, cell", student_exercises(), ids=[e[1] for e in student_exercises()])
+def test_every_untouched_exercise_is_not_attempted(lesson, ex_id, cell):
+    """What makes bob's rows "not attempted", for every exercise, also those of lessons he does not hand in:
+    the stub raises NotImplementedError, and the check under it lets that through (not "wrong")."""
+    assert "    raise NotImplementedError(" in cell
+    (name,) = re.findall(r"^checks\.(check_\w+)\(", cell, re.MULTILINE)
+    module = grade.CHECKS_IMPORT.search("".join(c.source for c in instructor(lesson).cells))[1]
+    check = getattr(importlib.import_module(f"nblib.checks.{module}"), name)
+    if name == "check_average_gradients":
+        return  # runs the stub in two processes: tests/test_pretrain_checks.py checks that its error comes back
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError(f"Exercise {ex_id}: your code goes here")
+
+    with pytest.raises(NotImplementedError, match=ex_id):
+        check(*learner_functions(check, stub))
+
+
+def test_the_grader_stops_an_exercise_at_its_first_failure_and_the_notebook_at_its_last_exercise():
+    nb = instructor(PLANTED)
+    exs = exercises.exercises(nb, PLANTED)
+    cells, roles, _ = grade.graded_notebook(nb, exs)
+    assert max(roles) == len(cells) - 1 and roles[max(roles)] == (exs[-1].id, "hidden")  # nothing after it
+    assert cells[-1].startswith(f"# grader: hidden of exercise {exs[-1].id}")
+    for ex in exs:
+        answer, check, hidden = sorted(i for i, (ex_id, _) in roles.items() if ex_id == ex.id)
+        assert grade.needs(roles)[check] == [answer] and grade.needs(roles)[hidden] == [answer, check]
+        assert answer not in grade.needs(roles)
+
+
+def test_jobs_must_be_a_positive_whole_number(capsys):
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(SystemExit):
+            grade.main(["x.ipynb", "--jobs", bad])
+        assert "at least 1" in capsys.readouterr().err
 
 
 def test_a_lesson_is_recognised_by_its_title_when_renamed(tmp_path):

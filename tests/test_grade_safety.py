@@ -195,7 +195,7 @@ if os.fork() == 0:
     started = time.monotonic()
     try:
         run = subprocess.run([sys.executable, str(ROOT / "tools" / "course.py"), "grade", str(klass), "--out", str(out),
-                              "--cell-timeout", str(CELL_TIMEOUT), "--timeout", "120"],
+                              "--cell-timeout", str(CELL_TIMEOUT), "--timeout", "120", "--jobs", "2"],
                              env=env, capture_output=True, text=True, timeout=900)
         seconds = time.monotonic() - started
         planted = PLANTED_FILE.exists()

@@ -1,6 +1,6 @@
 """Grade student notebooks: run each in a box, in FAST mode, score every exercise, write one table.
 
-    python tools/course.py grade SUBMISSIONS_OR_FOLDERS... [--out DIR] [--cell-timeout S] [--timeout S]
+    python tools/course.py grade SUBMISSIONS_OR_FOLDERS... [--out DIR] [--cell-timeout S] [--timeout S] [--jobs N]
 
 A submission is a student notebook (e.g. ``alice/01_bigram.ipynb`` or ``alice-01_bigram.ipynb``);
 a folder is searched for notebooks. The lesson comes from the file name (or its title cell), the
@@ -10,16 +10,19 @@ inside a worker process with limits (tools/sandbox.py; GRADING.md has the threat
 exercise cell the grader runs, in cells of its own, the instructor's copy of that exercise's check
 and then its hidden tests, each in a fresh copy of the course's check module, and each must print
 a one-time token at its end to count. An exercise earns its points when all three ran without an
-error; otherwise 0 with the reason. A submission that crashes, hangs or floods gets its row with the
-reason, and the others are still graded. Each result is written to ``--out``/rows/ as soon as it is
-known and ``grades.csv`` and ``grades.json`` are rebuilt from those; a submission graded before and
-unchanged since is not run again.
+error; otherwise 0 with the reason (the first of the three that failed: the ones after it are not run,
+nor are the cells after the last exercise's hidden tests, as nothing there can change a grade). A
+submission that crashes, hangs or floods gets its row with the reason, and the others are still graded.
+``--jobs`` submissions run at once, each in its own box. Each result is written to ``--out``/rows/ as
+soon as it is known and ``grades.csv`` and ``grades.json`` are rebuilt from those; a submission graded
+before and unchanged since is not run again.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -31,8 +34,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tokenize
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import nbformat
@@ -47,6 +52,7 @@ KERNEL_ENV = {"NBLIB_FAST": "1", "NBLIB_PROGRESS": "0", "MPLBACKEND": "Agg", "HF
 INTERRUPT_GRACE = 5          # seconds a timed-out cell has to stop after the interrupt before its kernel is killed
 STARTUP_ALLOWANCE = 60       # seconds on top of --timeout for starting and stopping the kernel
 MAX_SUBMISSION_MB = 50       # a bigger "notebook" is refused unread
+MAX_JOBS = 4                 # --jobs default: one submission per CPU core, at most this many (each may take GBs)
 # Strings (and, from Python 3.12, the parts of f-strings) and comments: what a reason may quote.
 NOT_CODE = {tokenize.STRING, tokenize.COMMENT} | {getattr(tokenize, name) for name in
                                                    ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(tokenize, name)}
@@ -176,7 +182,8 @@ def grader_cell(role: str, ex_id: str, code: str, checks_module: str | None, tok
 
 
 def graded_notebook(submission, exs: list[exercises.Exercise], checks_module: str | None = None):
-    """The submission's code cells with the grader's inserted; returns (cells, {index: (id, role)}, {index: token})."""
+    """The submission's code cells with the grader's inserted, up to the last exercise's hidden tests
+    (what follows cannot change a grade); returns (cells, {index: (id, role)}, {index: token})."""
     by_id = {ex.id: ex for ex in exs}
     cells: list[str] = [SNAPSHOT]
     roles: dict[int, tuple[str, str]] = {}
@@ -196,7 +203,14 @@ def graded_notebook(submission, exs: list[exercises.Exercise], checks_module: st
             tokens[len(cells)] = secrets.token_hex(16)
             cells.append(grader_cell(role, ex.id, code, checks_module, tokens[len(cells)]))
             roles[len(cells) - 1] = (ex.id, role)
-    return cells, roles, tokens
+    return (cells[:max(roles) + 1] if roles else cells), roles, tokens
+
+
+def needs(roles: dict[int, tuple[str, str]]) -> dict[int, list[int]]:
+    """{grader cell: the cells of its exercise before it}: once one of those failed, the exercise has
+    its grade (the first failure), so the cell is not run (an answer that loops would loop again)."""
+    return {i: [j for j in roles if j < i and roles[j][0] == ex_id] for i, (ex_id, role) in roles.items()
+            if role != "answer"}
 
 
 # ---------------------------------------------------------------- the worker (runs the student's code)
@@ -204,6 +218,7 @@ def graded_notebook(submission, exs: list[exercises.Exercise], checks_module: st
 def worker() -> int:
     """Read a job on stdin, box this process, run the cells, report one JSON line per cell on stdout."""
     job = json.loads(sys.stdin.read())
+    sandbox.set_limits(sandbox.Limits(**job["limits"]))  # before anything of the submission's runs
     report = os.fdopen(os.dup(1), "w", buffering=1)  # a dup is not inherited: the kernel cannot write here
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -268,8 +283,12 @@ def run_cells(job: dict, scratch: Path):
     client = Client(nb, timeout=1, kernel_name="python3", allow_errors=False, interrupt_on_timeout=True,
                     shutdown_kernel="immediate", resources={"metadata": {"path": str(scratch)}})
     started, cell_timeout, timeout = time.monotonic(), job["cell_timeout"], job["timeout"]
+    failed = set()
     with client.setup_kernel():
         for i, cell in enumerate(nb.cells):
+            if failed.intersection(job["needs"].get(str(i), [])):
+                yield {"cell": i, "error": ["Skipped", "not run: an earlier part of this exercise failed"]}
+                continue
             left = timeout - (time.monotonic() - started)
             if left <= 0:
                 yield {"stopped": f"not run: the notebook's {timeout:g} s limit was used up"}
@@ -295,6 +314,8 @@ def run_cells(job: dict, scratch: Path):
                 yield {"cell": i, "error": ["KernelDied", "the kernel died (os._exit, a crash, or out of memory)"]}
                 yield {"stopped": "not run: the kernel died in an earlier cell"}
                 return
+            if error:
+                failed.add(i)
             yield {"cell": i, "error": error}
 
 
@@ -361,24 +382,42 @@ def box_settings(paths: list[Path], out: Path, protections: dict[str, bool]) -> 
     return {"hide": hide if lock else [], "lock": lock, "root": root, "other_user": protections["another user"]}
 
 
-def run_submission(cells, tokens, cell_timeout, timeout, limits, box) -> tuple[dict, str, set]:
+class Workers:
+    """The workers running now (``--jobs``): a worker's clean-up kills its leftovers and spares the others."""
+    def __init__(self):
+        self.lock, self.running = threading.Lock(), set()
+        self.keep = sandbox.descendants(os.getpid())  # what we had started before grading (pytest's, say)
+
+    def start(self, env) -> subprocess.Popen:
+        with self.lock:  # no clean-up runs while a new worker exists but is not yet registered
+            proc = sandbox.start([sys.executable, str(Path(__file__).resolve()), "--worker"], env)
+            self.running.add(proc.pid)
+        return proc
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        with self.lock:  # a second or so at most; the other workers' submissions keep running meanwhile
+            self.running.discard(proc.pid)
+            sandbox.kill_tree(proc, self.keep, spare=lambda: self.running)
+
+
+def run_submission(cells, roles, tokens, cell_timeout, timeout, limits, box, workers) -> tuple[dict, str, set]:
     """Run the cells in a boxed worker: ({cell index: (error name, message)}, why the others did not run,
     the cells that ran)."""
     scratch = Path(tempfile.mkdtemp(prefix="grade-"))
     job = {"cells": cells, "tokens": {str(i): t for i, t in tokens.items()}, "cell_timeout": cell_timeout,
-           "timeout": timeout, "scratch": str(scratch), **box}
+           "needs": {str(i): before for i, before in needs(roles).items()},
+           "timeout": timeout, "scratch": str(scratch), "limits": dataclasses.asdict(limits), **box}
     env = sandbox.kernel_env(scratch, KERNEL_ENV)
-    keep = sandbox.descendants(os.getpid())
-    proc = sandbox.start([sys.executable, str(Path(__file__).resolve()), "--worker"], limits, env)
+    proc = workers.start(env)
     why = None
     try:
         out, _ = proc.communicate(json.dumps(job).encode(), timeout=limits.wall_s)
     except subprocess.TimeoutExpired:
         why = f"not run: the submission ran past {limits.wall_s:g} s and was killed"
-        sandbox.kill_tree(proc, keep)
+        workers.kill(proc)
         out, _ = proc.communicate()
     finally:
-        sandbox.kill_tree(proc, keep)
+        workers.kill(proc)
         shutil.rmtree(scratch, ignore_errors=True)
     errors = {}
     for line in out.decode(errors="replace").splitlines():
@@ -393,7 +432,7 @@ def run_submission(cells, tokens, cell_timeout, timeout, limits, box) -> tuple[d
     return {i: e for i, e in errors.items() if e}, (why if len(errors) < len(cells) else ""), set(errors)
 
 
-def grade_one(nb, lesson: str, options, box) -> dict:
+def grade_one(nb, lesson: str, options, box, workers) -> dict:
     instructor = nbformat.read(NOTEBOOKS / lesson, as_version=4)
     exs = exercises.exercises(instructor, f"notebooks/{lesson}")
     module = next((m[1] for c in instructor.cells for m in [CHECKS_IMPORT.search(c.source)] if m), None)
@@ -403,7 +442,7 @@ def grade_one(nb, lesson: str, options, box) -> dict:
     limits = sandbox.Limits(cpu_s=(options.timeout + 30) * (os.cpu_count() or 1), memory_mb=options.memory_mb,
                             file_mb=options.file_mb,
                             wall_s=options.timeout + STARTUP_ALLOWANCE)
-    errors, why, ran = run_submission(cells, tokens, options.cell_timeout, options.timeout, limits, box)
+    errors, why, ran = run_submission(cells, roles, tokens, options.cell_timeout, options.timeout, limits, box, workers)
     results = {}
     for ex in exs:
         mine = sorted(i for i, (ex_id, _) in roles.items() if ex_id == ex.id)
@@ -494,6 +533,33 @@ def peak_memory_mb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # kB on Linux (bytes on macOS)
 
 
+def graded_row(e: dict, row: dict, options, box: dict, workers: Workers) -> dict:
+    """``row`` with the submission's flags and exercises (run in a thread of its own under ``--jobs``)."""
+    path, lesson = e["path"], e["lesson"]
+    print(f"grading {path} ({e['student']}, lesson {lesson}) ...", flush=True)
+    if e["problem"]:
+        row["problems"].append(f"{path.name}: {e['problem']}")
+        exs = exercises.exercises(nbformat.read(NOTEBOOKS / lesson, as_version=4), lesson) if lesson else []
+        row["exercises"] = {ex.id: {"points": 0, "max": ex.points, "status": "error", "reason": e["problem"]}
+                            for ex in exs}
+    else:
+        official = STUDENT / lesson
+        row["flags"] = flags(e["nb"], nbformat.read(official, as_version=4) if official.exists() else None)
+        row.update(grade_one(e["nb"], lesson, options, box, workers))
+    return row
+
+
+def default_jobs() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_JOBS))
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--worker"]:
         return worker()
@@ -504,6 +570,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds one notebook may run (default 900)")
     parser.add_argument("--memory-mb", type=int, default=8192, help="address space per process, MB (default 8192)")
     parser.add_argument("--file-mb", type=int, default=1024, help="largest file a submission may write, MB (default 1024)")
+    parser.add_argument("--jobs", type=positive_int, default=default_jobs(),
+                        help=f"submissions graded at once, each in its own box (default: the CPU cores, at most {MAX_JOBS})")
     args = parser.parse_args(argv)
 
     lessons = [l["file"] for l in load_course()["lesson"] if (NOTEBOOKS / l["file"]).exists()]
@@ -521,6 +589,7 @@ def main(argv: list[str]) -> int:
         print("a container runtime is on PATH: GRADING.md shows how to grade inside a container, the strongest box")
     box = box_settings([e["path"] for e in entries], args.out, protections)
     sandbox.become_subreaper()  # a detached child of a submission re-parents to us, and is killed
+    workers, todo = Workers(), []
     for e in entries:
         path, lesson = e["path"], e["lesson"]
         target = row_path(args.out, e["student"], lesson or path.name)
@@ -531,18 +600,13 @@ def main(argv: list[str]) -> int:
             if (before["sha256"], before["instructor"]) == (row["sha256"], row["instructor"]):
                 print(f"unchanged since last graded: {path}", flush=True)
                 continue
-        print(f"grading {path} ({e['student']}, lesson {lesson}) ...", flush=True)
-        if e["problem"]:
-            row["problems"].append(f"{path.name}: {e['problem']}")
-            exs = exercises.exercises(nbformat.read(NOTEBOOKS / lesson, as_version=4), lesson) if lesson else []
-            row["exercises"] = {ex.id: {"points": 0, "max": ex.points, "status": "error", "reason": e["problem"]}
-                                for ex in exs}
-        else:
-            official = STUDENT / lesson
-            row["flags"] = flags(e["nb"], nbformat.read(official, as_version=4) if official.exists() else None)
-            row.update(grade_one(e["nb"], lesson, args, box))
-        target.write_text(json.dumps(row, indent=1) + "\n", encoding="utf-8")
-        write_tables(args.out)  # after every submission: a crash of the grader loses nothing done
+        todo.append((e, row, target))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running = [pool.submit(graded_row, e, row, args, box, workers) for e, row, _ in todo]
+        targets = dict(zip(running, [target for _, _, target in todo]))
+        for done in as_completed(running):  # in this thread only: one writer of the rows and tables
+            targets[done].write_text(json.dumps(done.result(), indent=1) + "\n", encoding="utf-8")
+            write_tables(args.out)  # after every submission: a crash of the grader loses nothing done
     csv_path, json_path = write_tables(args.out)
     data = json.loads(json_path.read_text(encoding="utf-8"))
     width = max([len(s) for s in data["students"]] + [1])

@@ -78,8 +78,9 @@ def available() -> dict[str, bool]:
             "hidden folders": mounts, "read-only system": mounts}
 
 
-def _set_limits(limits: Limits) -> None:
-    """In the worker before it runs anything (inherited by the kernel and whatever it starts)."""
+def set_limits(limits: Limits) -> None:
+    """In the worker before it runs anything (inherited by the kernel and whatever it starts). The
+    worker sets them itself: a ``preexec_fn`` is unsafe in a grader running several workers from threads."""
     mb = 1024 * 1024
     for which, value in ((resource.RLIMIT_CPU, int(limits.cpu_s)), (resource.RLIMIT_AS, limits.memory_mb * mb),
                          (resource.RLIMIT_FSIZE, limits.file_mb * mb), (resource.RLIMIT_NOFILE, 1024)):
@@ -88,10 +89,10 @@ def _set_limits(limits: Limits) -> None:
         resource.setrlimit(which, (value, value))
 
 
-def start(cmd: list[str], limits: Limits, env: dict[str, str]) -> subprocess.Popen:
-    """Start the worker in its own session with the limits; its stdin and stdout are pipes."""
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start the worker in its own session (it then calls ``set_limits``); its stdin and stdout are pipes."""
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env=env, start_new_session=True, preexec_fn=lambda: _set_limits(limits))
+                            env=env, start_new_session=True)
 
 
 def processes() -> dict[int, tuple[int, int]]:
@@ -107,8 +108,8 @@ def processes() -> dict[int, tuple[int, int]]:
     return found
 
 
-def descendants(pid: int) -> set[int]:
-    table, found, todo = processes(), set(), [pid]
+def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
+    table, found, todo = processes() if table is None else table, set(), [pid]
     while todo:
         parent = todo.pop()
         for child, (ppid, _) in table.items():
@@ -118,13 +119,18 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def kill_tree(proc: subprocess.Popen, keep: set[int]) -> int:
+def kill_tree(proc: subprocess.Popen, keep: set[int], spare=lambda: set()) -> int:
     """Kill the worker's process group, every descendant of ours not in ``keep``, every process of
-    the sandbox user; reap what becomes our zombie. Returns how many processes were killed."""
+    the sandbox user; reap what becomes our zombie. ``spare()`` names the other workers still running
+    (``--jobs``): they and their descendants live on. Returns how many processes were killed."""
     killed = set()
     for _ in range(20):  # a process may fork while we kill: repeat until nothing is left
-        targets = {p for p in descendants(os.getpid()) if p not in keep}
-        targets |= {p for p, (_, uid) in processes().items() if uid == SANDBOX_UID}
+        table = processes()  # one snapshot: a process forked after it is found in the next round
+        spared = set(keep)
+        for pid in spare():
+            spared |= {pid} | descendants(pid, table)
+        targets = {p for p in descendants(os.getpid(), table) if p not in spared}
+        targets |= {p for p, (_, uid) in table.items() if uid == SANDBOX_UID and p not in spared}
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -136,7 +142,7 @@ def kill_tree(proc: subprocess.Popen, keep: set[int]) -> int:
                 alive.add(pid)
             except ProcessLookupError:
                 pass
-        _reap()
+        _reap(alive | killed)
         if not alive - killed and proc.poll() is not None:
             break
         killed |= alive
@@ -144,15 +150,14 @@ def kill_tree(proc: subprocess.Popen, keep: set[int]) -> int:
     return len(killed)
 
 
-def _reap() -> None:
-    """Collect our zombies: detached grandchildren re-parent to us when we are a subreaper."""
-    while True:
+def _reap(pids: set[int]) -> None:
+    """Collect those of ``pids`` that became our zombies (detached grandchildren re-parent to us when
+    we are a subreaper). Only these: another worker's exit status is for its own Popen to read."""
+    for pid in pids:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            pass  # not our child (it belonged to a process we killed, which was reaped there)
 
 
 def become_subreaper() -> bool:
