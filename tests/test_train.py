@@ -362,9 +362,9 @@ def test_auto_dtype_is_one_rule_bf16_from_ampere_fp16_with_a_scaler_before(monke
 def test_fused_adamw_is_a_train_config_field_that_trainer_honours():
     from nblib.train import Trainer
 
-    assert configure_optimizer(model(), TrainConfig()).defaults["fused"]   # None: fused on CUDA and CPUs
+    assert not configure_optimizer(model(), TrainConfig()).defaults["fused"]   # None: fused on CUDA only
     assert not configure_optimizer(model(), TrainConfig(fused_adamw=False)).defaults["fused"]
-    plain, fused = Trainer(model(), TrainConfig(**SMALL, fused_adamw=False)), Trainer(model(), TrainConfig(**SMALL))
+    plain, fused = Trainer(model(), TrainConfig(**SMALL)), Trainer(model(), TrainConfig(**SMALL, fused_adamw=True))
     assert fused.optimizer.defaults["fused"] is True
     train_ids, _ = data()
     for trainer in (plain, fused):
