@@ -94,6 +94,35 @@ def stale(lesson: str) -> str | None:
     return None
 
 
+def terminal_view(text: str) -> str:
+    """What a terminal shows of ``text``: each line only from its last carriage return on, so a
+    progress bar redrawn in place leaves its final state, not every redraw."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def tidy_outputs(nb) -> int:
+    """Merge each cell's neighbouring outputs of one stream and keep their terminal view (one line per
+    progress bar instead of one per redraw); return how many outputs were merged away."""
+    merged = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for out in cell.outputs:
+            last = outputs[-1] if outputs else None
+            if (out.get("output_type") == "stream" and last is not None and last.get("output_type") == "stream"
+                    and last.get("name") == out.get("name")):
+                last["text"] += out["text"]
+                merged += 1
+            else:
+                outputs.append(out)
+        for out in outputs:
+            if out.get("output_type") == "stream":
+                out["text"] = terminal_view(out["text"])
+        cell.outputs = outputs
+    return merged
+
+
 def run_lesson(lesson: str, crs: dict) -> dict:
     """Execute one lesson in full mode; write its executed copy; return its report row."""
     nb = with_colab_setup(nbformat.read(NOTEBOOKS / lesson, as_version=4), crs, f"notebooks/{lesson}")
@@ -108,6 +137,7 @@ def run_lesson(lesson: str, crs: dict) -> dict:
             seconds = time.monotonic() - started
         headlines = [json.loads(line) for line in headlines_file.read_text().splitlines()] if headlines_file.exists() else []
     EXECUTED.mkdir(exist_ok=True)
+    tidy_outputs(nb)
     nbformat.write(nb, EXECUTED / lesson)
     device = next((o.get("text", "").strip() for c in nb.cells if c.cell_type == "code" for o in c.outputs
                    if o.get("output_type") == "stream" and "| torch " in o.get("text", "")), "")
@@ -144,7 +174,18 @@ def write_report(rows: dict[str, dict], crs: dict) -> None:
     REPORT_MD.write_text("\n".join(lines) + "\n")
 
 
+def tidy(lessons: list[str]) -> int:
+    """Tidy executed copies recorded before ``tidy_outputs`` existed (their outputs are otherwise kept as they are)."""
+    for lesson in lessons:
+        nb = nbformat.read(EXECUTED / lesson, as_version=4)
+        print(f"executed/{lesson}: {tidy_outputs(nb)} outputs merged")
+        nbformat.write(nb, EXECUTED / lesson)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--tidy"]:
+        return tidy(argv[1:])
     crs = load_course()
     ready = [l["file"] for l in crs["lesson"] if l["status"] == "ready"]
     wanted = [l for l in ready if not argv or any(l.startswith(a) or l == a for a in argv)]
