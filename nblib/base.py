@@ -160,7 +160,8 @@ def load_or_train(spec: BaseSpec, tokenizer: ChatTokenizer | None = None, *, dev
         say(f"training the base model (key {key}): {spec.steps} steps; it is cached for next time")
         t0 = time.perf_counter()
         model, history = pretrain(spec, tokenizer, data.read_text(spec.data), device, show_progress)
-        say(f"trained in {time.perf_counter() - t0:.0f} s, val loss {history.val[-1]:.4f}; saved to {path}")
+        say(f"trained in {time.perf_counter() - t0:.0f} s, val loss {history.val[-1]:.4f}; "
+            f"saved to {modelcache.shown(path)}")
         return model, history
 
     def save(result, folder: Path):

@@ -34,16 +34,22 @@ def models_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else data.cache_dir() / "models"
 
 
+def shown(path: Path) -> str:
+    """``path`` for a printed line: the home folder written ``~``, so a recorded lesson names no one's machine."""
+    home = Path.home()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
 def load_or_build(path: Path, load: Callable[[Path], T], build: Callable[[], T], save: Callable[[T, Path], None],
                   *, retrain: bool = False, say: Callable[[str], None] = print, what: str = "model") -> tuple[T, bool]:
     """``(model, from_cache)``: ``load(path)`` if that works (and not ``retrain``), else ``build()`` saved by ``save(model, folder)``."""
     if path.exists() and not retrain:
         try:
             result = load(path)
-            say(f"{what} loaded from the cache: {path}")
+            say(f"{what} loaded from the cache: {shown(path)}")
             return result, True
         except Exception as err:  # noqa: BLE001 (a cache: whatever is wrong, building again fixes it)
-            say(f"the cached {what} in {path} is unreadable ({type(err).__name__}: {str(err)[:200]}); training it again")
+            say(f"the cached {what} in {shown(path)} is unreadable ({type(err).__name__}: {str(err)[:200]}); training it again")
     result = build()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -343,7 +343,8 @@ def load_or_train(spec: SFTSpec, base_spec: base_lib.BaseSpec, *, device=None, c
         say(f"fine-tuning the base model (key {key}): {spec.steps} steps of lesson 08's recipe; it is cached for next time")
         t0 = time.perf_counter()
         result = finetune(pretrained.model, tokenizer, spec, data.read_text(pretrained.spec.data), device, show_progress)
-        say(f"fine-tuned in {time.perf_counter() - t0:.0f} s, held-out loss {result[1].val[-1]:.4f}; saved to {path}")
+        say(f"fine-tuned in {time.perf_counter() - t0:.0f} s, held-out loss {result[1].val[-1]:.4f}; "
+            f"saved to {modelcache.shown(path)}")
         return result
 
     def save(result, folder):

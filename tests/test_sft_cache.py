@@ -67,3 +67,13 @@ def test_a_damaged_cache_is_trained_again(tmp_path, counted, capsys):
     again = sft.load_or_train(TINY, BASE, cache_dir=tmp_path, show_progress=False)
     assert "unreadable" in capsys.readouterr().out
     assert not again.from_cache and len(counted) == 2 and load(tmp_path).from_cache
+
+
+def test_a_printed_cache_path_names_no_ones_home(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from nblib import modelcache
+
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path))
+    assert modelcache.shown(tmp_path / ".cache" / "nblib" / "models" / "sft-1") == "~/.cache/nblib/models/sft-1"
+    assert modelcache.shown(Path("/elsewhere/models")) == "/elsewhere/models"
