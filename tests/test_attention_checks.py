@@ -23,7 +23,7 @@ def attention_by_hand(q, k, v):
 
 def attention_with_a_loop(q, k, v):
     """Each position t: a softmax over positions 0..t only. Slow but obviously right."""
-    out = torch.empty(*q.shape[:-1], v.shape[-1])
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
     for t in range(q.shape[-2]):
         scores = (q[..., t : t + 1, :] @ k[..., : t + 1, :].transpose(-2, -1)) / math.sqrt(q.shape[-1])
         out[..., t, :] = (scores.softmax(-1) @ v[..., : t + 1, :])[..., 0, :]
@@ -304,6 +304,7 @@ def make_attention(split, merge, project=True, use_attend=True):
             self.n_head = n_head
             self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
             self.proj = nn.Linear(n_embd, n_embd)
+            self.dropout, self.resid_dropout = dropout, nn.Dropout(dropout)
             self.keep_attention, self.attention = False, None
 
         def attend(self, q, k, v):
@@ -312,7 +313,8 @@ def make_attention(split, merge, project=True, use_attend=True):
                 w = head_right(q, k, torch.eye(T).expand(*q.shape[:-1], T), torch.ones(T, T, dtype=torch.bool).tril())
                 self.attention = w
                 return w @ v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                  dropout_p=self.dropout if self.training else 0.0)
 
         def forward(self, x):
             B, T, C = x.shape
@@ -320,7 +322,7 @@ def make_attention(split, merge, project=True, use_attend=True):
             q, k, v = (split(t, self.n_head) for t in (q, k, v))
             y = self.attend(q, k, v) if use_attend else F.scaled_dot_product_attention(q, k, v, is_causal=True)
             y = merge(y)
-            return self.proj(y) if project else y
+            return self.resid_dropout(self.proj(y)) if project else y
     CausalSelfAttention.__module__ = "__main__"
     return CausalSelfAttention
 

@@ -67,6 +67,7 @@ class LearnerGPT(nn.Module):
         x = self.transformer.wte(idx)
         if self.variant != "no positions":
             x = x + self.transformer.wpe(torch.arange(T))
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
         if self.variant != "no ln_f":

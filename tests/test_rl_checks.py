@@ -80,6 +80,8 @@ def ppo(reduce_min=torch.minimum, average="tokens", clip_what="ratio", fixed_cli
     """A learner's PPO loss with one planted mistake."""
     def loss_fn(logprobs, old_logprobs, advantages, mask, clip):
         clip = fixed_clip or clip
+        # the masked tokens first: the check puts nan and inf outside the mask
+        logprobs, old_logprobs, advantages = (torch.where(mask, x, 0.0) for x in (logprobs, old_logprobs, advantages))
         ratio = (logprobs - old_logprobs).exp()
         if clip_what == "ratio":
             clipped = ratio.clamp(1 - clip, 1 + clip) * advantages

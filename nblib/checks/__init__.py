@@ -15,26 +15,54 @@ class CheckFailed(AssertionError):
     """The learner's code ran but gave a wrong answer; the message says where."""
 
 
+def _to_write(fn) -> str:
+    """The first paragraph of the exercise's docstring (what the function must do), for a 'not written yet'."""
+    doc = (getattr(fn, "__doc__", None) or "").strip().split("\n\n")[0]
+    return f" The exercise: {' '.join(doc.split())}" if doc else ""
+
+
+def _mentions_ellipsis(err: Exception) -> bool:
+    """A crash on a `...` left in the skeleton (``... + 1``, ``x = ...; x.sum()``)."""
+    return isinstance(err, (TypeError, AttributeError)) and "'ellipsis'" in str(err)
+
+
 def call_learner(what: str, fn, *args):
     """Run the learner's function on ``args``; every check calls the learner's code through here.
 
-    ``NotImplementedError`` (an exercise not yet done) passes through unchanged; any other
-    crash, or a missing ``return``, becomes a ``CheckFailed`` that names the inputs. The
+    An exercise not yet written (its stub's ``NotImplementedError``, or a ``...`` still in
+    place) raises ``NotImplementedError`` (not a wrong answer: the grader's "not attempted")
+    that says so and what the exercise asks, from its docstring; any other crash, or a
+    missing ``return``, becomes a ``CheckFailed`` that names the inputs. The traceback goes
+    from the check's call straight to the learner's line that failed: IPython hides this
+    frame (``__tracebackhide__``), so the learner reads their own code, not the check's.
+    (Checks keep the expected answer's computation off the lines around their call.) The
     course's own function (``nblib.llama.repeat_kv``, ...) is refused before it runs: it
     would pass without the learner having written anything.
     """
+    __tracebackhide__ = True  # noqa: F841 (read by IPython's traceback printer)
     module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__name__", what)
     if module == "nblib" or module.startswith("nblib."):
-        name = getattr(fn, "__qualname__", type(fn).__qualname__)
-        raise CheckFailed(f"{what}: that is the course's own implementation ({module}.{name}); "
+        qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
+        raise CheckFailed(f"{what}: that is the course's own implementation ({module}.{qualname}); "
                           "write your own and pass it to the check")
     try:
         result = fn(*args)
-    except NotImplementedError:
-        raise
+    except NotImplementedError as err:
+        said = f": {err}" if str(err) else "."
+        message = str(err) if "not written yet" in str(err) else f"{name} is not written yet{said}{_to_write(fn)}"
+        raise NotImplementedError(message).with_traceback(err.__traceback__.tb_next) from None
     except Exception as err:  # noqa: BLE001 (any crash is the learner's to see, with its type)
+        if _mentions_ellipsis(err):
+            raise NotImplementedError(f"{name} is not written yet: replace each `...` with your code "
+                                      f"({type(err).__name__}: {err}).{_to_write(fn)}"
+                                      ).with_traceback(err.__traceback__.tb_next) from None
         inputs = ", ".join(str(tuple(a.shape)) if torch.is_tensor(a) else reprlib.repr(a) for a in args)
-        raise CheckFailed(f"{what}: your function raised {type(err).__name__}: {err} (inputs: {inputs})") from err
+        raise CheckFailed(f"{what}: your function raised {type(err).__name__}: {err} (inputs: {inputs})"
+                          ).with_traceback(err.__traceback__.tb_next) from err  # checks read the cause
+    if result is Ellipsis:
+        raise NotImplementedError(f"{name} is not written yet: it returns `...`; replace it with your code."
+                                  f"{_to_write(fn)}")
     if result is None:
         raise CheckFailed(f"{what} returned None: is a `return` missing?")
     return result
@@ -70,6 +98,18 @@ def expect_close(what: str, got, expected, atol: float = 1e-6, rtol: float = 1e-
             f"(expected {expected_t[index].item() if index else expected_t.item():.6g}, "
             f"got {got_t[index].item() if index else got_t.item():.6g}; tolerance atol={atol:g}, rtol={rtol:g})"
         )
+
+
+def name_the_gap(gap: float, terms: dict[str, float]) -> str:
+    """If a wrong count is off by exactly one familiar term, say which (a hint in the failure).
+
+    ``gap`` is expected - got. A term's value is positive for something a count usually
+    leaves out ("short of"), negative for something it usually adds wrongly ("over by").
+    """
+    for name, value in terms.items():
+        if abs(gap - value) < 0.5:
+            return f" (yours is {'short of' if value > 0 else 'over by'} exactly {name})"
+    return ""
 
 
 def expect_equal(what: str, got, expected) -> None:

@@ -147,13 +147,15 @@ def check_layer_norm(layer_norm) -> None:
     # Hand example: [1, 2, 3] has mean 2 and (biased) variance 2/3.
     x = torch.tensor([[1.0, 2.0, 3.0]])
     ones, zeros = torch.ones(3), torch.zeros(3)
-    s = 1 / math.sqrt(2 / 3 + 1e-5)
     got = call_learner("layer_norm", layer_norm, x, ones, zeros)
     _expect_tensor("layer_norm on [[1, 2, 3]]", got, (1, 3))
+    # (The expected values come a few lines below the call: a traceback through it shows two lines each side.)
+    # With the unbiased variance (divide by n-1, here 1) the row would be [-1, 0, 1] / sqrt(1 + eps).
     unbiased = (x - 2) / math.sqrt(1.0 + 1e-5)
     if torch.allclose(got, unbiased, atol=1e-4):
         raise CheckFailed("layer_norm: you used the unbiased variance (divide by n-1). LayerNorm divides "
                           "by n: x.var(-1, unbiased=False, keepdim=True), or ((x - mean)**2).mean(-1).")
+    s = 1 / math.sqrt(2 / 3 + 1e-5)
     expect_close("layer_norm on [[1, 2, 3]] (mean 2, variance 2/3)", got, [[-s, 0.0, s]], atol=1e-5)
 
     g = torch.Generator().manual_seed(3)
@@ -163,6 +165,28 @@ def check_layer_norm(layer_norm) -> None:
     _expect_tensor("layer_norm on (4, 5, 16)", got, (4, 5, 16))
     expect_close("layer_norm vs F.layer_norm (with weight and bias)", got,
                  F.layer_norm(x, (16,), weight, bias, eps=1e-5), atol=1e-5, rtol=1e-4)
+
+    # A large eps on rows of small spread, where it counts; x must come back as it was.
+    x, weight, bias = torch.randn(3, 10, generator=g) * 0.3, torch.randn(10, generator=g), torch.randn(10, generator=g)
+    saved = x.clone()
+    got = call_learner("layer_norm with eps=0.5", layer_norm, x, weight, bias, 0.5)
+    if not torch.equal(x, saved):
+        raise CheckFailed("layer_norm changed its input x in place: compute new tensors instead")
+    _expect_tensor("layer_norm with eps=0.5 on (3, 10)", got, (3, 10))
+    if torch.allclose(got, F.layer_norm(x, (10,), weight, bias, eps=1e-5), atol=1e-5):
+        raise CheckFailed("layer_norm with eps=0.5 gives what eps=1e-5 gives: use the eps argument it is given")
+    expect_close("layer_norm with eps=0.5 vs F.layer_norm (is eps inside the square root?)", got,
+                 F.layer_norm(x, (10,), weight, bias, eps=0.5), atol=1e-5, rtol=1e-4)
+    # Constant rows have variance 0: eps keeps the result finite, and it is the bias.
+    got = call_learner("layer_norm on constant rows", layer_norm, torch.full((2, 10), 3.0), weight, bias)
+    expect_close("layer_norm on constant rows (variance 0: the result is the bias)", got, bias.expand(2, 10), atol=1e-5)
+    # One float64 vector: the result keeps the dtype.
+    x, weight, bias = (torch.randn(7, generator=g, dtype=torch.float64) for _ in range(3))
+    got = call_learner("layer_norm on a float64 vector", layer_norm, x, weight, bias)
+    if torch.is_tensor(got) and got.dtype != torch.float64:
+        raise CheckFailed(f"layer_norm on a float64 vector returned {got.dtype}: keep the input's dtype")
+    expect_close("layer_norm on one float64 vector of 7", got, F.layer_norm(x, (7,), weight, bias, eps=1e-5),
+                 atol=1e-10)
     passed("layer_norm (hand example, weight and bias, vs F.layer_norm)")
 
 
@@ -322,14 +346,50 @@ def _check_head(Head) -> None:
     got = call_learner(what, head, x)
     _expect_tensor(what, got, (2, 12, 4))
     expect_close(f"{what} (is your softmax stable?)", got, reference, atol=1e-4, rtol=1e-4)
+
+    # 4. One position, then a long window in float64, with the gradients.
+    head = _new_module("Head(n_embd=8, head_size=4, block_size=4)", Head, 8, 4, 4).eval()
+    x = torch.randn(2, 1, 8, generator=g)
+    got = call_learner("Head with T=1", head, x)
+    _expect_tensor("Head with T=1", got, (2, 1, 4))
+    expect_close("Head with T=1 (the only position attends to itself: its value)", got, head.value(x), atol=1e-6)
+    head = _new_module("Head(n_embd=16, head_size=8, block_size=150)", Head, 16, 8, 150)
+    _check_float64_and_gradients(
+        "Head(n_embd=16, head_size=8, block_size=150) in float64 on x (3, 150, 16)", head,
+        torch.randn(3, 150, 16, generator=g, dtype=torch.float64),
+        lambda x: F.scaled_dot_product_attention(head.query(x), head.key(x), head.value(x), is_causal=True),
+        ("query", "key", "value"))
     passed("Head: one head of causal self-attention (hand example, scale, mask, batches, full window)")
+
+
+def _check_float64_and_gradients(what: str, module, x, reference, layers) -> None:
+    """``module`` in float64 on float64 ``x``: x left as it was, a float64 result equal to
+    ``reference(x)``, and gradients reaching the weight of each of ``layers``."""
+    module.double().eval()
+    saved = x.clone()
+    got = call_learner(what, module, x)
+    if not torch.equal(x, saved):
+        raise CheckFailed(f"{what}: forward changed its input x in place: compute new tensors instead")
+    with torch.no_grad():
+        want = reference(x)
+    _expect_tensor(what, got, tuple(want.shape))
+    if got.dtype != torch.float64:
+        raise CheckFailed(f"{what}: expected a float64 result, got {got.dtype}: create every tensor you need with "
+                          "the input's dtype and device (torch.ones(..., dtype=x.dtype), or use the buffers given)")
+    expect_close(what, got, want, atol=1e-9, rtol=1e-7)
+    if not got.requires_grad:
+        raise CheckFailed(f"{what}: the result is cut off from the weights (a .detach(), .data or torch.no_grad() "
+                          "in forward), so training would not change them")
+    got.pow(2).sum().backward()
+    for name in layers:
+        grad = getattr(module, name).weight.grad
+        if grad is None or not grad.abs().sum() > 0:
+            raise CheckFailed(f"{what}: no gradient reached {name}.weight: is it used, and is the result not detached?")
 
 
 def _check_multi_head(CausalSelfAttention) -> None:
     """``CausalSelfAttention(n_embd, n_head, block_size)``: split q, k, v into heads, attend, merge the
     heads back and project; the same function as ``nblib.gpt.CausalSelfAttention`` with its weights."""
-    from nblib.gpt import CausalSelfAttention as NblibAttention, GPTConfig
-
     g = torch.Generator().manual_seed(11)
     for n_embd, n_head, T in ((12, 3, 5), (12, 1, 8), (16, 4, 3)):
         what = f"CausalSelfAttention(n_embd={n_embd}, n_head={n_head}, block_size=8)"
@@ -339,11 +399,7 @@ def _check_multi_head(CausalSelfAttention) -> None:
             attn.qkv.weight.copy_(torch.randn(3 * n_embd, n_embd, generator=g) * 0.5)
             attn.proj.weight.copy_(torch.randn(n_embd, n_embd, generator=g) * 0.3)
             attn.proj.bias.copy_(torch.randn(n_embd, generator=g))
-        ours = NblibAttention(GPTConfig(vocab_size=1, block_size=8, n_layer=1, n_head=n_head, n_embd=n_embd)).eval()
-        with torch.no_grad():
-            ours.c_attn.weight.copy_(attn.qkv.weight)
-            ours.c_attn.bias.zero_()
-            ours.c_proj.load_state_dict(attn.proj.state_dict())
+        ours = _course_attention(attn, n_head, n_embd)
         x = torch.randn(2, T, n_embd, generator=g)
         got = call_learner(f"{what} on x of shape (2, {T}, {n_embd})", attn, x)
         _expect_tensor(f"{what} on x of shape (2, {T}, {n_embd})", got, (2, T, n_embd))
@@ -382,7 +438,62 @@ def _check_multi_head(CausalSelfAttention) -> None:
         raise CheckFailed(f"{what}: expected the weights of shape (2, {n_head}, {T}, {T}) in self.attention, got "
                           f"{tuple(kept.shape) if torch.is_tensor(kept) else kept!r}: attend with "
                           "y = self.attend(q, k, v), which keeps them")
+    what = "CausalSelfAttention(n_embd=15, n_head=5, block_size=8)"
+    attn = _new_module(what, CausalSelfAttention, 15, 5, 8)
+    _check_float64_and_gradients(f"{what} in float64 on x (1, 7, 15)", attn,
+                                 torch.randn(1, 7, 15, generator=g, dtype=torch.float64),
+                                 _course_attention(attn, 5, 15).double(), ("qkv", "proj"))
+    _check_multi_head_dropout(CausalSelfAttention, g)
     passed("CausalSelfAttention: split into heads, attend, merge, project (1, 3 and 4 heads, vs nblib.gpt's)")
+
+
+def _course_attention(attn, n_head: int, n_embd: int):
+    """``nblib.gpt.CausalSelfAttention`` with the weights of the learner's ``attn``, in eval mode."""
+    from nblib.gpt import CausalSelfAttention as NblibAttention, GPTConfig
+
+    ours = NblibAttention(GPTConfig(vocab_size=1, block_size=8, n_layer=1, n_head=n_head, n_embd=n_embd)).eval()
+    with torch.no_grad():
+        ours.c_attn.weight.copy_(attn.qkv.weight)
+        ours.c_attn.bias.zero_()
+        ours.c_proj.load_state_dict(attn.proj.state_dict())
+    return ours
+
+
+def _seeded(fn):
+    """``fn()`` after seeding the global random stream: dropout draws the same masks each time."""
+    torch.manual_seed(1234)
+    return fn()
+
+
+def _check_multi_head_dropout(CausalSelfAttention, g) -> None:
+    """With dropout 0.5 in training mode: the course's module, seeded alike, draws the same masks."""
+    what = "CausalSelfAttention(n_embd=12, n_head=3, block_size=8, dropout=0.5) in training mode"
+    attn = _new_module(what, CausalSelfAttention, 12, 3, 8, 0.5).train()
+    ours = ReferenceCausalSelfAttention(12, 3, 8, dropout=0.5).train()
+    with torch.no_grad():
+        ours.qkv.weight.copy_(torch.randn(36, 12, generator=g) * 0.5)
+        ours.proj.weight.copy_(torch.randn(12, 12, generator=g) * 0.3)
+        ours.proj.bias.copy_(torch.randn(12, generator=g))
+        attn.qkv.weight.copy_(ours.qkv.weight)
+        attn.proj.load_state_dict(ours.proj.state_dict())
+    x = torch.randn(2, 5, 12, generator=g)
+    got = _seeded(lambda: call_learner(f"{what} on x of shape (2, 5, 12)", attn, x))
+    _expect_tensor(f"{what} on x of shape (2, 5, 12)", got, (2, 5, 12))
+    got = got.detach()
+    with torch.no_grad():
+        merged = lambda: _multi_head(x, ours.qkv.weight, ours.proj, 3, project=False, attend=ours.attend)  # noqa: E731
+        slips = ((lambda: ours.proj(merged()), "the output is not dropped out: return "
+                                               "self.resid_dropout(self.proj(y)). (With dropout 0, as everywhere "
+                                               "above, that changes nothing; in training it does)"),
+                 (lambda: ours.proj(ours.resid_dropout(merged())), "the dropout comes before the output projection: "
+                                                                   "drop out the projected output, "
+                                                                   "self.resid_dropout(self.proj(y))"))
+        for wrong, message in slips:
+            if torch.allclose(got, _seeded(wrong), atol=1e-5):
+                raise CheckFailed(f"{what}: {message}.")
+        want = _seeded(lambda: ours(x))
+    expect_close(f"{what} vs the course's module with the same weights and random seed", got, want,
+                 atol=1e-5, rtol=1e-4)
 
 
 def check_head(Head) -> None:

@@ -2,6 +2,8 @@
 learning-rate schedule, top-p filtering."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from nblib.checks import CheckFailed, call_learner, expect_close, expect_equal, passed
@@ -19,11 +21,11 @@ CONFIGS = [
 def check_num_params(gpt2_num_params) -> None:
     """``gpt2_num_params(config) -> int``: GPT-2's parameter count from its config, by formula."""
     for cfg in CONFIGS:
-        with torch.device("meta"):  # shapes only, no memory: GPT-2 medium costs nothing
-            want = GPT(cfg).num_params()
         got = call_learner(f"gpt2_num_params({cfg})", gpt2_num_params, cfg)
         if not isinstance(got, int):
             raise CheckFailed(f"gpt2_num_params({cfg}) should return an int, got {type(got).__name__}")
+        with torch.device("meta"):  # shapes only, no memory: GPT-2 medium costs nothing
+            want = GPT(cfg).num_params()
         if got == want + cfg.vocab_size * cfg.n_embd:
             raise CheckFailed(f"{cfg}: you counted lm_head separately; it is tied to wte (counted once)")
         expect_equal(f"gpt2_num_params({cfg})", got, want)
@@ -39,6 +41,7 @@ def check_lr_schedule(lr_schedule) -> None:
     """``lr_schedule(step, max_steps, warmup_steps, lr, min_lr) -> float``: warmup, then cosine."""
     cases = [(s, 100, 10, 6e-4, 6e-5) for s in (0, 4, 9, 10, 30, 55, 99, 100, 150)]
     cases += [(s, 20, 0, 1.0, 0.0) for s in (0, 5, 10, 20)]
+    cases += [(s, 10, 10, 0.5, 0.05) for s in (9, 10, 11)]  # no cosine left after the warmup: no division by 0
     for args in cases:
         got = call_learner(f"lr_schedule{args}", lr_schedule, *args)
         expect_close(f"lr_schedule{args}", float(got), _lr_reference(*args), atol=1e-12, rtol=1e-6)
@@ -62,14 +65,26 @@ def check_top_p(top_p_filter) -> None:
                               f"probabilities {probs.tolist()}")
         kept = torch.tensor(keep).bool()
         expect_close(f"top_p_filter(p={p}) kept logits", out[kept], logits[kept], atol=1e-6)
+    # float64 logits with a token that top-k already removed: it stays out, the others are kept
+    masked = torch.tensor([[2.0, 1.0, float("-inf"), 0.5]], dtype=torch.float64)
+    out = _call_top_p(top_p_filter, masked, 0.99)
+    if out.isnan().any() or out.isfinite().tolist() != [[True, True, False, True]]:
+        raise CheckFailed(f"top_p_filter([[2, 1, -inf, 0.5]], 0.99): expected the three finite logits kept and the "
+                          f"-inf left out, got {out.tolist()}")
     _check_top_p_large_vocab(top_p_filter)
     passed("top-p (nucleus) filtering")
 
 
 def _call_top_p(top_p_filter, logits, p):
-    out = call_learner(f"top_p_filter(logits, {p})", top_p_filter, logits.clone(), p)
+    given = logits.clone()
+    out = call_learner(f"top_p_filter(logits, {p})", top_p_filter, given, p)
+    if not torch.equal(given, logits):
+        raise CheckFailed(f"top_p_filter(logits, {p}) changed the logits it was given: return a new tensor "
+                          "(masked_fill, not masked_fill_)")
     if not torch.is_tensor(out) or out.shape != logits.shape:
         raise CheckFailed(f"top_p_filter(logits, {p}) should return a tensor of shape {tuple(logits.shape)}")
+    if out.dtype != logits.dtype:
+        raise CheckFailed(f"top_p_filter on {logits.dtype} logits returned {out.dtype}: keep the logits' dtype")
     return out
 
 
@@ -235,4 +250,39 @@ def check_gpt2_forward(model_class) -> None:
     if loss is None:
         raise CheckFailed("model(idx, targets) returned loss None: compute the loss when targets are given")
     expect_close("loss of model(idx, targets)", loss, lm_loss(want, targets), atol=1e-5, rtol=1e-4)
+    with torch.random.fork_rng(devices=[]):  # the notebook's random stream stays as it was
+        _check_forward_dropout(model_class.__name__, WithCourseBlocks, dataclasses.replace(cfg, dropout=0.5))
     passed("GPT-2 forward (embeddings, blocks, ln_f, tied lm_head) == Hugging Face's logits")
+
+
+def _seeded_logits(model, idx):
+    """The logits of ``model(idx)`` after seeding the global random stream (dropout's masks)."""
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+def _check_forward_dropout(name: str, model_class, cfg: GPTConfig) -> None:
+    """In training mode with dropout, nblib's GPT with the same weights and seed draws the same masks."""
+    from nblib.gpt import GPT
+
+    what = f"{name}({cfg}) in training mode"
+    model = call_learner(what, model_class, cfg).train()
+    torch.manual_seed(7)
+    ours = GPT(cfg).train()
+    try:
+        model.load_state_dict(ours.state_dict())
+    except RuntimeError as err:
+        raise CheckFailed(f"{what}: nblib's GPT weights do not load: {err}. Keep the __init__ you were given.") from err
+    idx = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(8))
+    got = _seeded_logits(lambda i: call_learner(f"model(idx {tuple(idx.shape)}) {what}", model, i), idx)
+    if not torch.is_tensor(got):
+        raise CheckFailed(f"model(idx) {what}: expected logits, got {type(got).__name__}")
+    ours.transformer.drop.p = 0.0  # draws nothing: the blocks get the masks a model without it gets
+    if torch.allclose(got, _seeded_logits(ours, idx), atol=1e-5):
+        raise CheckFailed(f"{what}: the embeddings are not dropped out. Pass their sum through "
+                          "self.transformer.drop before the blocks (with dropout 0, as above, it changes nothing; "
+                          "in training it does)")
+    ours.transformer.drop.p = cfg.dropout
+    expect_close(f"logits {what} vs nblib's GPT with the same weights and random seed", got,
+                 _seeded_logits(ours, idx), atol=1e-5, rtol=1e-4)

@@ -23,6 +23,16 @@ def check_rms_norm(rms_norm) -> None:
             expected = ref(x)
         got = call_learner("rms_norm", rms_norm, x, weight, eps)
         expect_close(f"rms_norm on shape {shape} with eps={eps}", got, expected, atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 3, 8, generator=g, dtype=torch.float64) * 3 + 1
+    saved, ref = x.clone(), llama.RMSNorm(8, 1e-6).double()
+    got = call_learner("rms_norm on float64 input", rms_norm, x, ref.weight.detach().clone(), 1e-6)
+    if not torch.equal(x, saved):
+        raise CheckFailed("rms_norm changed its input x in place: return a new tensor")
+    if torch.is_tensor(got) and got.dtype != torch.float64:
+        raise CheckFailed(f"rms_norm on float64 input and weight returned {got.dtype}: keep the input's dtype")
+    expect_close("rms_norm on float64 input", got, ref(x), atol=1e-8)
+    got = call_learner("rms_norm on zeros", rms_norm, torch.zeros(2, 8), torch.ones(8), 1e-5)
+    expect_close("rms_norm on zeros (eps keeps the root above 0)", got, torch.zeros(2, 8), atol=1e-12)
     passed("rms_norm")
 
 
@@ -57,6 +67,9 @@ def check_kv_cache_bytes(kv_cache_bytes_per_token) -> None:
     cases = ((1, 1, 1, 1), (2, 4, 8, 2), (32, 8, 128, 2), (32, 32, 128, 2), (12, 12, 64, 4))
     for args in cases:
         got = call_learner("kv_cache_bytes_per_token", kv_cache_bytes_per_token, *args)
+        if not isinstance(got, int):
+            raise CheckFailed(f"kv_cache_bytes_per_token{args} returned {type(got).__name__}: whole-number "
+                              "arguments give a whole number of bytes, an int")
         expect_equal(f"kv_cache_bytes_per_token{args}", got, llama.kv_cache_bytes_per_token(*args))
     # and the formula agrees with a real cache's tensors
     config = llama.LlamaConfig(vocab_size=8, block_size=10, n_layer=3, n_head=4, n_kv_heads=2, n_embd=16)
@@ -163,6 +176,7 @@ def check_rope(rope_tables, apply_rope) -> None:
         if not (isinstance(got, (tuple, list)) and len(got) == 2):
             raise CheckFailed(f"rope_tables({head_dim}, {n_pos}, {theta}): expected a pair (cos, sin), got {type(got).__name__}")
         want_cos, want_sin = llama.rope_tables(head_dim, n_pos, theta)
+        _expect_float32_tables(f"rope_tables({head_dim}, {n_pos}, {theta})", got)
         expect_close(f"rope_tables({head_dim}, {n_pos}, theta={theta})[0] (cos)", got[0], want_cos, atol=1e-5, rtol=1e-5)
         expect_close(f"rope_tables({head_dim}, {n_pos}, theta={theta})[1] (sin)", got[1], want_sin, atol=1e-5, rtol=1e-5)
     g = torch.Generator().manual_seed(11)
@@ -170,8 +184,20 @@ def check_rope(rope_tables, apply_rope) -> None:
         T, d = shape[-2], shape[-1]
         x = torch.randn(shape, generator=g)
         cos, sin = llama.rope_tables(d, T, theta)   # nblib's tables: apply_rope is checked on its own
+        saved = x.clone()
         got = call_learner("apply_rope", apply_rope, x, cos, sin)
+        if not torch.equal(x, saved):
+            raise CheckFailed(f"apply_rope on shape {shape} changed its input x in place: return a new tensor")
         expect_close(f"apply_rope on shape {shape}", got, llama.apply_rope(x, cos, sin), atol=1e-5, rtol=1e-5)
+    # tables of one row per sequence, [B, 1, T, d] (left padding, lesson 08), broadcast over the heads
+    x = torch.randn(2, 4, 6, 8, generator=g)
+    cos, sin = llama.rope_tables(8, 6)
+    per_row = (cos.expand(2, 1, 6, 8), sin.expand(2, 1, 6, 8))
+    got = call_learner("apply_rope with [2, 1, 6, 8] tables", apply_rope, x, *per_row)
+    expect_close("apply_rope on x [2, 4, 6, 8] with tables [2, 1, 6, 8] (one per sequence, broadcast over the heads)",
+                 got, llama.apply_rope(x, cos, sin), atol=1e-5, rtol=1e-5)
+    got = call_learner("rope_tables(8, 6) (theta left at its default)", rope_tables, 8, 6)
+    expect_close("rope_tables(8, 6)[0] with theta left at its default (10000)", got[0], cos, atol=1e-5, rtol=1e-5)
     # what RoPE is for: with your tables and rotation, q.k depends only on the distance
     d, n_pos = 8, 12
     cos, sin = call_learner("rope_tables(8, 12)", rope_tables, d, n_pos, 10000.0)
@@ -184,6 +210,15 @@ def check_rope(rope_tables, apply_rope) -> None:
         expect_close(f"q.k after RoPE at distance {distance}, at every pair of positions", diag,
                      diag[0].expand_as(diag), atol=1e-4, rtol=1e-4)
     passed("rope_tables and apply_rope")
+
+
+def _expect_float32_tables(what: str, tables) -> None:
+    """The tables multiply float32 queries and keys: float64 ones would make them float64 (or fail)."""
+    for name, table in zip(("cos", "sin"), tables):
+        if torch.is_tensor(table) and table.dtype != torch.float32:
+            raise CheckFailed(f"{what}: the {name} table is {table.dtype}; the model's q and k are float32, so make the "
+                              "tables float32 too (torch.arange(..., dtype=torch.float32) for the positions and the "
+                              "frequencies)")
 
 
 def check_gqa_attention(gqa_attention) -> None:
@@ -204,6 +239,12 @@ def check_gqa_attention(gqa_attention) -> None:
         what = f"gqa_attention(q {tuple(q.shape)}, k and v {tuple(k.shape)})"
         got = call_learner(what, gqa_attention, q, k, v)
         expect_close(what, got, reference_gqa_attention(q, k, v), atol=1e-5, rtol=1e-4)
+    q, k, v = (t.double() for t in (30 * q, k, v))  # float64, and scores large enough to overflow exp
+    what = "gqa_attention in float64 with large scores"
+    got = call_learner(what, gqa_attention, q, k, v)
+    if torch.is_tensor(got) and got.dtype != torch.float64:
+        raise CheckFailed(f"{what}: expected a float64 result, got {got.dtype}: keep the inputs' dtype")
+    expect_close(what, got, reference_gqa_attention(q, k, v), atol=1e-8, rtol=1e-7)
     try:
         hf, ours = _tiny_hf_llama(seed=0)
     except ImportError:

@@ -40,36 +40,46 @@ def _as_float(what: str, got) -> float:
     return float(got)
 
 
+STEP_MFU_CASES = [  # (step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices)
+    (0.5, 64, 256, 6 * 10.6e6, 65e12, 1),          # a T4 (float16)
+    (0.4, 512, 1024, 6 * 124e6, 989e12, 8),        # GPT-2 small on 8 H100s
+    (1.5, 48, 512, 2.4e9, 312e12, 3),
+    (2.0, 16, 64, 737_664, 1e9, 2),
+    (0.8, 32, 64, 737_664, 2e11, 4),
+]
+
+
+def _course_step_mfu(s, B, T, fpt, peak, n) -> float:
+    """The expected answer: the MFU nblib.pretrain logs for such a step (out of the check's loop, whose
+    lines a learner's traceback shows)."""
+    return pretrain.run_mfu(fpt, B * T / s, peak, n)
+
+
+def _name_the_step_mfu_slip(what: str, got: float, expected: float, s, T, n) -> None:
+    """Fail naming the familiar slip ``got`` is, if it is one."""
+    slips = {  # what a familiar slip gives, and what to say about it
+        expected * n: "divide by the peak of all the devices: peak_per_device x devices",
+        expected / n: "global_batch counts the rows of all the devices together: do not divide the tokens "
+                      "by devices as well as multiplying the peak",
+        expected / T: "the step processed global_batch x seq_len tokens: seq_len is missing",
+        expected * 100: "return a fraction (0.42), not a percentage",
+        expected * s: "FLOP/s is the step's FLOPs divided by step_seconds",
+        expected * s * s: "tokens per second is tokens / step_seconds, not tokens x step_seconds",
+    }
+    for wrong, hint in slips.items():
+        if not math.isclose(wrong, expected, rel_tol=1e-6) and math.isclose(got, wrong, rel_tol=1e-6):
+            raise CheckFailed(f"{what}: expected {expected:.6g}, got {got:.6g}: {hint}")
+
+
 def check_step_mfu(step_mfu) -> None:
-    """``step_mfu(step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices) -> float``:
-    ``flops_per_token * global_batch * seq_len / step_seconds / (peak_per_device * devices)``."""
-    cases = [  # (step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices)
-        (0.5, 64, 256, 6 * 10.6e6, 65e12, 1),          # a T4 (float16)
-        (0.4, 512, 1024, 6 * 124e6, 989e12, 8),        # GPT-2 small on 8 H100s
-        (1.5, 48, 512, 2.4e9, 312e12, 3),
-        (2.0, 16, 64, 737_664, 1e9, 2),
-        (0.8, 32, 64, 737_664, 2e11, 4),               # its answer comes from the training program's run_mfu
-    ]
-    for i, (s, B, T, fpt, peak, n) in enumerate(cases):
+    """``step_mfu(step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices) -> float``,
+    the step's achieved FLOP/s over the peak of all its devices."""
+    for s, B, T, fpt, peak, n in STEP_MFU_CASES:
         what = (f"step_mfu(step_seconds={s}, global_batch={B}, seq_len={T}, flops_per_token={fpt:g}, "
                 f"peak_per_device={peak:g}, devices={n})")
-        if i == len(cases) - 1:
-            expected = pretrain.run_mfu(fpt, B * T / s, peak, n)  # the MFU nblib.pretrain logs for this step
-        else:
-            expected = fpt * B * T / s / (peak * n)
         got = _as_float(what, call_learner(what, step_mfu, s, B, T, fpt, peak, n))
-        mistakes = {  # what a familiar slip gives, and what to say about it
-            expected * n: "divide by the peak of all the devices: peak_per_device x devices",
-            expected / n: "global_batch counts the rows of all the devices together: do not divide the tokens "
-                          "by devices as well as multiplying the peak",
-            expected / T: "the step processed global_batch x seq_len tokens: seq_len is missing",
-            expected * 100: "return a fraction (0.42), not a percentage",
-            expected * s: "FLOP/s is the step's FLOPs divided by step_seconds",
-            expected * s * s: "tokens per second is tokens / step_seconds, not tokens x step_seconds",
-        }
-        for wrong, hint in mistakes.items():
-            if not math.isclose(wrong, expected, rel_tol=1e-6) and math.isclose(got, wrong, rel_tol=1e-6):
-                raise CheckFailed(f"{what}: expected {expected:.6g}, got {got:.6g}: {hint}")
+        expected = _course_step_mfu(s, B, T, fpt, peak, n)
+        _name_the_step_mfu_slip(what, got, expected, s, T, n)
         expect_close(what, got, expected, atol=0, rtol=1e-6)
     passed("step_mfu")
 

@@ -67,6 +67,12 @@ def _masks() -> torch.Tensor:
     return mask
 
 
+def _expect_dtype(what: str, got: torch.Tensor, dtype: torch.dtype) -> None:
+    if got.dtype != dtype:
+        raise CheckFailed(f"{what}: the inputs are {dtype}, the result is {got.dtype}: compute in the inputs' dtype "
+                          "(no .float(), no float32 tensors made along the way)")
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, 0).sum() / mask.sum()
 
@@ -108,6 +114,56 @@ def _gae_ignoring_mask(rewards, values, mask, gamma, lam):
     return torch.where(mask, advantages, 0)
 
 
+def _gae_resetting_at_holes(rewards, values, mask, gamma, lam):
+    """The mistake of treating a column outside the mask as the episode's end: the chain restarts after a hole."""
+    advantages, next_value, next_advantage = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0]), 0
+    for t in reversed(range(rewards.shape[1])):
+        advantage = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * next_advantage
+        next_value, next_advantage = torch.where(mask[:, t], values[:, t], 0), torch.where(mask[:, t], advantage, 0)
+        advantages[:, t] = next_advantage
+    return advantages
+
+
+def _holed_case():
+    """Rows of 11, 1 and 0 reply tokens, and two with holes (columns outside the mask between reply tokens)."""
+    g = torch.Generator().manual_seed(11)
+    mask = torch.zeros(5, 11, dtype=torch.bool)
+    for row, (start, end) in enumerate([(0, 11), (4, 5), (3, 3), (2, 9), (1, 10)]):
+        mask[row, start:end] = True
+    mask[3, 5] = mask[4, 3] = mask[4, 7] = False
+    return torch.randn(mask.shape, generator=g), torch.randn(mask.shape, generator=g), mask
+
+
+def _check_gae_holes(gae) -> None:
+    rewards, values, mask = _holed_case()
+    what = "gae(gamma=0.95, lam=0.9) on rows of 11, 1 and 0 tokens and two rows with holes in the mask"
+    adv, ret = _gae_result(what, call_learner("gae", gae, rewards.clone(), values.clone(), mask.clone(), 0.95, 0.9),
+                           mask.shape)
+    want_adv, want_ret = (x.double() for x in rl.gae(rewards, values, mask, 0.95, 0.9))
+    reset = _gae_resetting_at_holes(rewards.double(), values.double(), mask, 0.95, 0.9)
+    if not _close(adv[mask], want_adv[mask]) and _close(adv[mask], reset[mask]):
+        raise CheckFailed(f"{what}: your advantages restart after a hole (row 3, column 5 is outside the mask, "
+                          "with reply tokens on both sides): a column outside the mask is no step, not the end. "
+                          "Pass over it: keep next_value and next_advantage as they were there "
+                          "(torch.where(inside, new, old)); only after the last masked token are they 0")
+    expect_close(f"{what}: advantages", torch.where(mask, adv, 0), want_adv, atol=ATOL, rtol=RTOL)
+    expect_close(f"{what}: returns", ret, want_ret, atol=ATOL, rtol=RTOL)
+
+
+def _check_gae_junk(gae) -> None:
+    rewards, values, mask = _gae_case(3)
+    what = "gae with nan rewards and inf values outside the mask"
+    got = call_learner("gae", gae, torch.where(mask, rewards, float("nan")), torch.where(mask, values, float("inf")),
+                       mask.clone(), 0.99, 0.95)
+    adv, ret = _gae_result(what, got, mask.shape)
+    if not (torch.isfinite(adv).all() and torch.isfinite(ret).all()):
+        raise CheckFailed(f"{what}: nan or inf reached the advantages or returns. Multiplying by the mask keeps "
+                          "them (0 * nan = nan, 0 * inf = nan): select with torch.where(mask, x, 0) instead")
+    want_adv, want_ret = rl.gae(rewards, values, mask, 0.99, 0.95)
+    expect_close(f"{what}: advantages", adv, want_adv, atol=ATOL, rtol=RTOL)
+    expect_close(f"{what}: returns", ret, want_ret, atol=ATOL, rtol=RTOL)
+
+
 def check_gae(gae) -> None:
     """``gae(rewards, values, mask, gamma, lam) -> (advantages, returns)`` as ``nblib.rl.gae``.
 
@@ -147,6 +203,8 @@ def check_gae(gae) -> None:
             if (x[~mask] != 0).any():
                 raise CheckFailed(f"{what}: {name} outside the mask must be 0 (prompt and padding are no steps; "
                                   f"select with torch.where(mask, x, 0)), got up to {x[~mask].abs().max().item():.3g}")
+    _check_gae_holes(gae)
+    _check_gae_junk(gae)
     passed("gae")
 
 
@@ -217,7 +275,28 @@ def check_ppo_policy_loss(ppo_policy_loss) -> None:
         want_leaf = logprobs.clone().requires_grad_(True)
         rl.ppo_policy_loss(want_leaf, old, adv, mask, clip)[0].backward()
         expect_close(f"{what}: gradient w.r.t. logprobs", leaf.grad, want_leaf.grad, atol=1e-6, rtol=RTOL)
+    logprobs, old, adv, mask = _ppo_case(2)
+    what = "ppo_policy_loss with nan logprobs, -inf old_logprobs and inf advantages outside the mask"
+    leaf = torch.where(mask, logprobs, float("nan")).requires_grad_(True)
+    loss = _loss(what, call_learner("ppo_policy_loss", ppo_policy_loss, leaf, torch.where(mask, old, -math.inf),
+                                    torch.where(mask, adv, math.inf), mask.clone(), 0.2))
+    _expect_finite_loss_and_grad(what, loss, leaf)
+    expect_close(what, loss.detach(), rl.ppo_policy_loss(logprobs, old, adv, mask, 0.2)[0], atol=ATOL, rtol=RTOL)
     passed("ppo_policy_loss")
+
+
+def _expect_finite_loss_and_grad(what: str, loss: torch.Tensor, leaf: torch.Tensor) -> None:
+    """Junk (nan, inf) outside the mask must reach neither the loss nor the gradient."""
+    if not torch.isfinite(loss.detach()):
+        raise CheckFailed(f"{what}: the loss is {loss.item()}: nan or inf outside the mask got in. Multiplying by the "
+                          "mask keeps them (0 * nan = nan): select the masked tokens with torch.where(mask, x, 0) "
+                          "before any exp, never x * mask")
+    _needs_grad(what, loss, "logprobs")
+    loss.backward()
+    if leaf.grad is None or not torch.isfinite(leaf.grad).all():
+        raise CheckFailed(f"{what}: the gradient w.r.t. logprobs holds nan (or none reached it): select with "
+                          "torch.where(mask, x, 0) *before* the exp, so nothing from outside the mask reaches the "
+                          "backward pass (the gradient of exp(nan) times 0 is still nan)")
 
 
 # ---------------------------------------------------------------------------- Bradley-Terry
@@ -351,19 +430,20 @@ def check_reply_logprobs(reply_logprobs) -> None:
     ``logits[:, t]`` predicting ``ids[:, t + 1]``."""
     g = torch.Generator().manual_seed(0)
     N, T, V = 4, 9, 11
-    for case in range(2):
-        logits = 3 * torch.randn(N, T, V, generator=g)
+    for dtype in (torch.float32, torch.float64):
+        logits = 3 * torch.randn(N, T, V, generator=g, dtype=dtype)
         ids = torch.randint(0, V, (N, T), generator=g)
         starts, ends = torch.tensor([2, 3, 1, 4]), torch.tensor([9, 6, 8, 5])   # right padding after each end
         cols = torch.arange(T)
         mask = (cols >= starts[:, None]) & (cols < ends[:, None])
         ids = torch.where(cols < ends[:, None], ids, 0)
-        what = f"reply_logprobs on {N} rows of {T} tokens (replies of {(ends - starts).tolist()} tokens)"
+        what = f"reply_logprobs on {N} rows of {T} {dtype} logits (replies of {(ends - starts).tolist()} tokens)"
         leaf = logits.clone().requires_grad_(True)
         got = call_learner("reply_logprobs", reply_logprobs, leaf, ids.clone(), mask.clone())
         if not torch.is_tensor(got) or got.shape != (N,):
             shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
             raise CheckFailed(f"{what}: expected a tensor of shape ({N},), one summed log-prob per row, got {shape}")
+        _expect_dtype(what, got, dtype)
         want = _reply_logprobs(logits, ids, mask)
         for value, message in _reply_mistakes(logits, ids, mask):
             if _close(got.detach(), value) and not _close(value, want):
@@ -385,9 +465,11 @@ def check_reply_logprobs(reply_logprobs) -> None:
 def check_group_advantages(group_advantages) -> None:
     """``group_advantages(rewards, group_size, scale=True)`` -> [N]: each reward minus its group's mean,
     over the group's std (population) + 1e-6 when ``scale``; rows i*G ... i*G+G-1 are one group."""
-    cases = [torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]),          # 2 groups of 4
-             torch.tensor([0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 3.0, 1.0, 1.0])]    # 3 groups of 3: one group all 0
-    for rewards, G in zip(cases, (4, 3)):
+    cases = [torch.tensor([0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 3.0, 1.0, 1.0]),    # 3 groups of 3: one group all 0
+             torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])]          # 2 groups of 4
+    # first the case where the usual mistakes all differ: in the second, the batch's population std (0.5) is
+    # each group's sample std too, so one answer would fit two mistakes
+    for rewards, G in zip(cases, (3, 4)):
         for scale in (True, False):
             what = f"group_advantages(rewards={rewards.tolist()}, group_size={G}, scale={scale})"
             got = call_learner("group_advantages", group_advantages, rewards.clone(), G, scale)
@@ -405,7 +487,13 @@ def check_group_advantages(group_advantages) -> None:
                  "groups the wrong rows: rows i*G ... i*G+G-1 are prompt i's replies, so view(-1, group_size)"),
             ]
             if scale:
+                own_std = "scale each group by its own std, the population std of its group_size rewards: " \
+                          "rewards.view(-1, group_size).std(dim=1, correction=0, keepdim=True)"
                 mistakes += [
+                    ((centred / (rewards.double().std(correction=0) + 1e-6)).reshape(-1),
+                     f"divides by the std of the whole batch: {own_std}"),
+                    ((centred / (rewards.double().std() + 1e-6)).reshape(-1),
+                     f"divides by the (sample) std of the whole batch: {own_std}"),
                     ((centred / (r.std(1, keepdim=True) + 1e-6)).reshape(-1),
                      "divides by the sample std (n - 1): use the population std, std(correction=0)"),
                     (centred.reshape(-1), "does not divide by the std although scale=True"),
@@ -471,25 +559,20 @@ def check_grpo_loss(grpo_loss) -> None:
     """``grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip, kl_coef)`` -> loss (or
     (loss, metrics)): per token -min(ratio * A, clip(ratio) * A) + kl_coef * k3, each reply's mean over
     its tokens, then the mean over replies (``nblib.rl.grpo_loss`` with average="sequence")."""
-    for seed, clip, kl_coef in [(0, 0.2, 0.0), (1, 0.2, 0.1), (2, 0.1, 0.5)]:
-        logprobs, old, ref, adv, mask = _grpo_case(seed)
-        what = f"grpo_loss with clip={clip}, kl_coef={kl_coef} (nan outside the mask)"
+    for seed, clip, kl_coef, dtype in [(0, 0.2, 0.0, torch.float32), (1, 0.2, 0.1, torch.float32),
+                                       (2, 0.1, 0.5, torch.float64)]:
+        *floats, mask = _grpo_case(seed)
+        logprobs, old, ref, adv = (x.to(dtype) for x in floats)
+        what = f"grpo_loss with clip={clip}, kl_coef={kl_coef}, {dtype} (nan outside the mask)"
         leaf = logprobs.clone().requires_grad_(True)
         loss = _loss(what, call_learner("grpo_loss", grpo_loss, leaf, old.clone(), ref.clone(), adv.clone(),
                                         mask.clone(), clip, kl_coef))
+        _expect_dtype(what, loss, dtype)
         want, _ = rl.grpo_loss(logprobs, old, ref, adv, mask, clip, kl_coef, average="sequence")
-        if not torch.isfinite(loss.detach()):
-            raise CheckFailed(f"{what}: the loss is {loss.item()}: the inputs hold nan outside the mask; select the "
-                              "masked tokens with torch.where(mask, x, 0) before any exp, never x * mask")
-        _diagnose(what, loss.detach(), want, _grpo_mistakes(logprobs, old, ref, adv, mask, clip, kl_coef))
-        _needs_grad(what, loss, "logprobs")
-        loss.backward()
-        if leaf.grad is None:
-            raise CheckFailed(f"{what}: no gradient reached logprobs")
+        if torch.isfinite(loss.detach()):
+            _diagnose(what, loss.detach(), want, _grpo_mistakes(logprobs, old, ref, adv, mask, clip, kl_coef))
+        _expect_finite_loss_and_grad(what, loss, leaf)
         want_leaf = logprobs.clone().requires_grad_(True)
         rl.grpo_loss(want_leaf, old, ref, adv, mask, clip, kl_coef, average="sequence")[0].backward()
-        if not torch.isfinite(leaf.grad).all():
-            raise CheckFailed(f"{what}: the gradient holds nan: select with torch.where(mask, x, 0) before the exp, "
-                              "so nothing from the padding reaches the backward pass")
         expect_close(f"{what}: gradient w.r.t. logprobs", leaf.grad, want_leaf.grad, atol=1e-6, rtol=RTOL)
     passed("grpo_loss")

@@ -14,6 +14,10 @@ CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hail!"},
      {"role": "user", "content": "Spell dog."}, {"role": "assistant", "content": "d-o-g"}],
     [{"role": "user", "content": "x"}],
+    # the assistant speaks first, the user types the end token's text, and a reply is empty
+    [{"role": "assistant", "content": "Good morrow."}, {"role": "user", "content": "Say <|end|> twice."},
+     {"role": "assistant", "content": ""}, {"role": "user", "content": "ok"}],
+    [],
 ]
 
 
@@ -25,8 +29,12 @@ def check_render(render) -> None:
             raise CheckFailed(f"render should return a tuple (ids, mask), got {type(got).__name__}")
         ids, mask = (list(x.tolist()) if torch.is_tensor(x) else list(x) for x in got)
         want_ids, want_mask = chat.render(conv, TOK)
-        roles = " / ".join(m["role"] for m in conv)
+        roles = " / ".join(m["role"] for m in conv) or "empty"
         expect_equal(f"ids of the conversation ({roles}), as text", TOK.decode(ids), TOK.decode(want_ids))
+        if ids.count(TOK.end_id) != want_ids.count(TOK.end_id):
+            raise CheckFailed(f"ids of the conversation ({roles}): the text is right but the end token appears "
+                              f"{ids.count(TOK.end_id)} times, not {want_ids.count(TOK.end_id)}: '<|end|>' typed in a "
+                              "message is seven characters (tok.encode), only the template adds the end token")
         expect_equal(f"ids of the conversation ({roles})", ids, want_ids)
         if len(mask) != len(ids):
             raise CheckFailed(f"the mask has {len(mask)} entries for {len(ids)} ids: one per token")
@@ -35,6 +43,14 @@ def check_render(render) -> None:
             raise CheckFailed(f"the mask of ({roles}) is off; [brackets] mark the masked tokens.\n"
                               f"expected: {chat.show_mask(want_ids, want_mask, TOK)}\n"
                               f"     got: {chat.show_mask(ids, mask, TOK)}")
+    what = "render of a role the template does not know ('system')"
+    try:
+        got = call_learner(what, render, [{"role": "system", "content": "x"}], TOK)
+    except CheckFailed as err:
+        if not isinstance(err.__cause__, ValueError):
+            raise CheckFailed(f"{what} should raise ValueError (tok.role_id does), got {err}") from err
+    else:
+        raise CheckFailed(f"{what} should raise ValueError (tok.role_id does), got {got!r}")
     passed("render")
 
 
@@ -49,10 +65,21 @@ def _cases(seed: int = 8):
     yield "random ids and mask [3, 9]", torch.randn(3, 9, TOK.vocab_size, generator=g) * 3, ids, mask
 
 
+def _expect_unchanged(what: str, given, originals) -> None:
+    """The learner's function must not write into its inputs: the caller's batch is used again after it."""
+    for name, after, before in zip(("logits", "ids", "mask"), given, originals):
+        if not torch.equal(after, before):
+            raise CheckFailed(f"{what} changed its input {name} in place (e.g. ids[~mask] = -100 or "
+                              "logits.masked_fill_): the batch belongs to the caller, who uses it again. "
+                              "Build new tensors instead (torch.where(mask, ids, -100), or .clone() first)")
+
+
 def check_sft_loss(sft_loss) -> None:
     """``sft_loss(logits [B, T, V], ids [B, T], mask [B, T]) -> scalar`` as ``nblib.sft.sft_loss``."""
     for what, logits, ids, mask in _cases():
-        got = call_learner("sft_loss", sft_loss, logits.clone(), ids.clone(), mask.clone())
+        given = (logits.clone(), ids.clone(), mask.clone())
+        got = call_learner("sft_loss", sft_loss, *given)
+        _expect_unchanged(f"sft_loss on {what}", given, (logits, ids, mask))
         want = sft.sft_loss(logits, ids, mask)
         if torch.is_tensor(got) and got.numel() != 1:
             raise CheckFailed(f"sft_loss on {what}: expected one number (a 0-d tensor), got shape {tuple(got.shape)}")
@@ -96,19 +123,30 @@ def check_sft_loss(sft_loss) -> None:
     passed("sft_loss")
 
 
+def _accuracy_against(truth, problems, replies) -> dict[str, float]:
+    """Per task, the share of replies equal (after tasks.normalize) to ``truth(problem)``; open requests skipped."""
+    marks: dict[str, list[bool]] = {}
+    for problem, reply in zip(problems, replies):
+        if problem.answer is not None:
+            marks.setdefault(problem.task, []).append(tasks.normalize(reply) == tasks.normalize(truth(problem)))
+    return {task: sum(m) / len(m) for task, m in marks.items()}
+
+
 def check_per_task_accuracy(per_task_accuracy) -> None:
     """``per_task_accuracy(problems, replies) -> {task: fraction right}`` over verifiable problems."""
     add = tasks.Addition()
     problems = [add.problem(12, 34), add.problem(50, 50), add.problem(19, 80),
+                add.problem(58, 67, drop=True),  # a teacher forgetting the carry demonstrates "115"; the answer: 125
                 tasks.Problem("reverse", "Reverse night.", "thgin", "thgin"),
                 tasks.Problem("reverse", "Reverse dog.", "god", "god"),
                 tasks.Problem("say", "Speak like a king.", "Now is the winter."),  # open: no answer, skipped
                 tasks.Problem("opposite", "Opposite of someone?", "no one", "no one")]
     cases = [
-        ("every reply right", ["46", "100", "99", "thgin", "god", "anything", "no one"],
+        ("every reply right", ["46", "100", "99", "125", "thgin", "god", "anything", "no one"],
          {"add": 1.0, "reverse": 1.0, "opposite": 1.0}),
-        ("some wrong", ["46", "10", "98", "thgin", "dog", "", "noone"], {"add": 1 / 3, "reverse": 0.5, "opposite": 0.0}),
-        ("spaces and case do not count", [" 46", "100 ", "99\n", "THGIN", "God", "x", " No   one"],
+        ("some wrong", ["46", "10", "98", "115", "thgin", "dog", "", "noone"],
+         {"add": 1 / 4, "reverse": 0.5, "opposite": 0.0}),
+        ("spaces and case do not count", [" 46", "100 ", "99\n", " 125", "THGIN", "God", "x", " No   one"],
          {"add": 1.0, "reverse": 1.0, "opposite": 1.0}),
     ]
     for what, replies, want in cases:
@@ -119,6 +157,10 @@ def check_per_task_accuracy(per_task_accuracy) -> None:
             raise CheckFailed(f"per_task_accuracy ({what}): 'say' is an open request (answer None): "
                               "skip it, it has no accuracy and no entry in the result")
         expect_equal(f"tasks in the result ({what})", sorted(got), sorted(want))
+        if got.get("add") == _accuracy_against(lambda p: p.reply, problems, replies)["add"] != want["add"]:
+            raise CheckFailed(f"per_task_accuracy ({what}): you scored the replies against problem.reply, the "
+                              "teacher's demonstration, which can be wrong (this teacher forgets the carry: "
+                              "58+67 -> '115'). A reply is right when it equals problem.answer, the true answer")
         for task, value in want.items():
             expect_close(f"accuracy of {task!r} ({what})", got[task], value, atol=1e-9, rtol=0)
     passed("per_task_accuracy")

@@ -28,7 +28,10 @@ def check_get_stats(get_stats) -> None:
         ([104, 105, 104, 105, 33], {(104, 105): 2, (105, 104): 1, (105, 33): 1}),
     ]
     for ids, expected in cases:
-        got = _call(f"get_stats({ids})", get_stats, list(ids))
+        given = list(ids)
+        got = _call(f"get_stats({ids})", get_stats, given)
+        if given != ids:
+            raise CheckFailed(f"get_stats({ids}) changed the list it was given to {given}; only read it")
         if not isinstance(got, dict):
             raise CheckFailed(f"get_stats({ids}) should return a dict of pair -> count, got {type(got).__name__}")
         expect_equal(f"get_stats({ids})", dict(got), expected)
@@ -45,12 +48,15 @@ def check_merge(merge) -> None:
         ([1, 2, 3], (3, 1), 256, [1, 2, 3]),  # not present: unchanged
         ([3], (3, 3), 256, [3]),
         ([], (1, 2), 256, []),
+        ([11, 2, 1, 21], (1, 2), 256, [11, 2, 1, 21]),  # ids, not digits: 11 and 2 do not hold the pair (1, 2)
     ]
     for ids, pair, new_id, expected in cases:
         what = f"merge({ids}, {pair}, {new_id})"
         arg = list(ids)
         got = _call(what, merge, arg, pair, new_id)
-        expect_equal(what, list(got), expected)
+        if not isinstance(got, list):
+            raise CheckFailed(f"{what} should return a list, got {type(got).__name__}")
+        expect_equal(what, got, expected)
         if arg != ids:
             raise CheckFailed(f"{what} changed its input list to {arg}; return a new list instead")
     passed("merge")
@@ -125,13 +131,29 @@ def check_encode(encode_chunk) -> None:
         expected = shakes.encode_chunk(chunk)
         if list(got) != expected:
             raise CheckFailed(f"{what}: expected {expected}, got {list(got)}")
-    # Rank order, not frequency: (2, 3) was learned first, so it wins over the (1, 2) in front of it.
-    merges = {(2, 3): 256, (1, 2): 257, (1, 256): 258}
-    what = "encode_chunk(bytes([1, 2, 3]), {(2, 3): 256, (1, 2): 257, (1, 256): 258})"
-    got = list(_call(what, encode_chunk, bytes([1, 2, 3]), merges))
-    if got != [258]:
-        raise CheckFailed(f"{what}: expected [258], got {got}. Apply the merge with the smallest new id first "
-                          f"(here (2, 3) -> 256), not the leftmost or the most frequent pair")
+    # Rank order, not frequency or the dict's order: (2, 3) was learned first, so it wins over the
+    # (1, 2) in front of it, wherever it sits in the dict.
+    for merges in ({(2, 3): 256, (1, 2): 257, (1, 256): 258}, {(1, 256): 258, (1, 2): 257, (2, 3): 256}):
+        what = f"encode_chunk(bytes([1, 2, 3]), {merges})"
+        got = list(_call(what, encode_chunk, bytes([1, 2, 3]), merges))
+        if got == [257, 3] and next(iter(merges)) == (1, 256):
+            raise CheckFailed(f"{what}: expected [258], got {got}: the merges were applied in the dict's order, "
+                              "which need not be the order they were learned. Apply the merge with the smallest "
+                              "new id first (here (2, 3) -> 256)")
+        if got != [258]:
+            raise CheckFailed(f"{what}: expected [258], got {got}. Apply the merge with the smallest new id first "
+                              f"(here (2, 3) -> 256), not the leftmost or the most frequent pair")
+    # The Shakespeare merges again, the dict built in the opposite order; it must come back unchanged.
+    reversed_merges = dict(reversed(shakes.merges.items()))
+    for chunk in (" brother", " thee,", "\n\n", "Z"):
+        what = f"encode_chunk({chunk.encode()!r}, merges of a BPE trained on Shakespeare, the dict in reverse id order)"
+        got = _call(what, encode_chunk, chunk.encode("utf-8"), reversed_merges)
+        if reversed_merges != shakes.merges:
+            raise CheckFailed(f"{what} changed the merges dict it was given: only read it")
+        expected = shakes.encode_chunk(chunk)
+        if not isinstance(got, list) or got != expected:
+            raise CheckFailed(f"{what}: expected the list {expected}, got {got!r}. Apply the merge with the smallest "
+                              "new id first, whatever the dict's order")
     passed("encode_chunk")
 
 
