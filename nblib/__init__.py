@@ -26,6 +26,7 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``modelcache``: the cache of models later lessons reuse (base, SFT), keyed by a hash of all that decides their weights (08 on)
 - ``sft``: supervised fine-tuning: padded chat batches, the masked loss, held-out loss, accuracy and format evals (08 on)
 - ``rl``: the math of preference learning and RL: Bradley-Terry, GAE, the PPO, DPO and GRPO losses, KL estimates (09-11)
+- ``pg``: the policy gradient on a policy small enough to solve exactly: REINFORCE, baselines, the importance ratio and GAE measured against the exact gradient (09)
 - ``prefs``: simulated preferences (never human): a hidden rater and the reply pairs it labels with noise (09, 10)
 - ``reward``: a language model with a scalar head: the reward model, and PPO's value model (09)
 - ``ppo``: PPO for a language model: rollouts priced with a KL penalty, GAE, clipped policy and value updates (09)

@@ -576,3 +576,67 @@ def check_grpo_loss(grpo_loss) -> None:
         rl.grpo_loss(want_leaf, old, ref, adv, mask, clip, kl_coef, average="sequence")[0].backward()
         expect_close(f"{what}: gradient w.r.t. logprobs", leaf.grad, want_leaf.grad, atol=1e-6, rtol=RTOL)
     passed("grpo_loss")
+
+
+# ---------------------------------------------------------------------------- REINFORCE (lesson 09, before PPO)
+
+
+def _reinforce_case(seed: int, baseline_kind: str):
+    """log-probs [N] (leaves), rewards [N] and a baseline: a float, or a [N] tensor that carries a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    N = 5
+    logprobs = -4 * torch.rand(N, generator=g, dtype=torch.float64)
+    rewards = torch.tensor([1.0, 0.0, 3.0, 2.0, 0.5], dtype=torch.float64)[torch.randperm(N, generator=g)]
+    if baseline_kind == "float":
+        return logprobs, rewards, 0.75
+    # a baseline computed by a model (a value head, the batch's rewards) may carry a gradient: it must not get one
+    return logprobs, rewards, (rewards.mean() + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+
+def _reinforce_grad_mistakes(rewards, b, N):
+    """What d loss / d logprobs would be for the usual mistakes (the right one is -(r - b) / N)."""
+    adv = rewards - b
+    return [
+        (-adv, ("sums over the samples: REINFORCE averages them, -(r - b) * log pi, then .mean(), so the step "
+                "does not grow with the batch size")),
+        (adv / N, ("has the wrong sign: the loss is *minus* the objective, -mean((r - b) * log pi); gradient "
+                   "descent on it raises the log-prob of replies with r > b")),
+        (-rewards / N, "leaves out the baseline: use (rewards - baseline), it lowers the variance for free"),
+        (-(rewards + b) / N, "adds the baseline: subtract it, (rewards - baseline)"),
+    ]
+
+
+def check_reinforce_loss(reinforce_loss) -> None:
+    """``reinforce_loss(logprobs, rewards, baseline)`` -> 0-d loss -mean((r - b) * logprobs), r and b constants:
+    its gradient w.r.t. logprobs is -(r - b) / N, minus the REINFORCE estimate."""
+    for seed, kind in [(0, "float"), (1, "tensor"), (2, "tensor")]:
+        logprobs, rewards, b = _reinforce_case(seed, kind)
+        N = len(rewards)
+        b_value = b.detach() if torch.is_tensor(b) else b
+        what = (f"reinforce_loss on {N} replies, rewards {rewards.tolist()}, baseline "
+                + (f"{b}" if kind == "float" else "a [5] tensor that requires grad"))
+        leaf = logprobs.clone().requires_grad_(True)
+        loss = _loss(what, call_learner("reinforce_loss", reinforce_loss, leaf, rewards.clone(), b))
+        _needs_grad(what, loss, "the log-probs")
+        loss.backward()
+        if torch.is_tensor(b) and b.grad is not None and b.grad.abs().max() > 0:
+            raise CheckFailed(f"{what}: a gradient flowed into the baseline: the baseline is a constant of the "
+                              "estimator, so detach it: (rewards - baseline).detach()")
+        got = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        want = -(rewards - b_value) / N
+        for value, message in _reinforce_grad_mistakes(rewards, b_value, N):
+            if _close(got, value) and not _close(value, want):
+                raise CheckFailed(f"{what}: {message}")
+        expect_close(f"{what}: gradient w.r.t. logprobs (should be -(r - b) / N)", got, want, atol=ATOL, rtol=RTOL)
+        expect_close(f"{what}: the loss -mean((r - b) * logprobs)", loss.detach(),
+                     -((rewards - b_value) * logprobs).mean(), atol=ATOL, rtol=RTOL)
+    # rewards that carry a gradient (from a reward model) are constants too
+    logprobs, rewards, _ = _reinforce_case(3, "float")
+    scores = rewards.clone().requires_grad_(True)
+    what = "reinforce_loss with rewards that require grad (a reward model's scores), baseline 0.0"
+    loss = _loss(what, call_learner("reinforce_loss", reinforce_loss, logprobs.clone().requires_grad_(True), scores, 0.0))
+    loss.backward()
+    if scores.grad is not None and scores.grad.abs().max() > 0:
+        raise CheckFailed(f"{what}: a gradient flowed into the rewards: they are constants of the estimator (the "
+                          "policy gradient does not train the reward model), so detach them")
+    passed("reinforce_loss")
