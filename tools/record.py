@@ -2,6 +2,7 @@
 
     python tools/course.py record            # every ready lesson, one after the other
     python tools/course.py record 05 07      # just these (the report keeps the others' rows)
+    python tools/course.py record --tidy 08_sft.ipynb   # one line per progress bar in a copy recorded before
 
 Each lesson runs top to bottom in a fresh kernel in full mode (``NBLIB_FAST=0``) with
 plain-text progress bars, on whatever device this machine has. The executed copy keeps
