@@ -1,6 +1,8 @@
 """Checks for lesson 08's exercises: the chat template with its mask, the masked loss, per-task accuracy."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -123,13 +125,10 @@ def check_sft_loss(sft_loss) -> None:
     passed("sft_loss")
 
 
-def _accuracy_against(truth, problems, replies) -> dict[str, float]:
-    """Per task, the share of replies equal (after tasks.normalize) to ``truth(problem)``; open requests skipped."""
-    marks: dict[str, list[bool]] = {}
-    for problem, reply in zip(problems, replies):
-        if problem.answer is not None:
-            marks.setdefault(problem.task, []).append(tasks.normalize(reply) == tasks.normalize(truth(problem)))
-    return {task: sum(m) / len(m) for task, m in marks.items()}
+def _accuracy_against_demonstrations(problems, replies) -> dict[str, float]:
+    """``sft.accuracy_by_task`` with each verifiable problem's demonstration taken as its answer (the mistake)."""
+    as_demonstrated = [dataclasses.replace(p, answer=p.reply) if p.verifiable else p for p in problems]
+    return sft.accuracy_by_task(as_demonstrated, replies)
 
 
 def check_per_task_accuracy(per_task_accuracy) -> None:
@@ -157,7 +156,7 @@ def check_per_task_accuracy(per_task_accuracy) -> None:
             raise CheckFailed(f"per_task_accuracy ({what}): 'say' is an open request (answer None): "
                               "skip it, it has no accuracy and no entry in the result")
         expect_equal(f"tasks in the result ({what})", sorted(got), sorted(want))
-        if got.get("add") == _accuracy_against(lambda p: p.reply, problems, replies)["add"] != want["add"]:
+        if got.get("add") == _accuracy_against_demonstrations(problems, replies)["add"] != want["add"]:
             raise CheckFailed(f"per_task_accuracy ({what}): you scored the replies against problem.reply, the "
                               "teacher's demonstration, which can be wrong (this teacher forgets the carry: "
                               "58+67 -> '115'). A reply is right when it equals problem.answer, the true answer")
