@@ -112,6 +112,14 @@ def name_the_gap(gap: float, terms: dict[str, float]) -> str:
     return ""
 
 
+def expect_unchanged(what: str, inputs: dict, saved: dict, fix: str = "compute new tensors instead") -> None:
+    """Fail if the learner's function wrote into one of its ``inputs`` (``saved`` holds copies made before
+    the call): the caller uses its tensors again."""
+    for name, value in inputs.items():
+        if not torch.equal(value, saved[name]):
+            raise CheckFailed(f"{what} changed its input {name} in place: {fix}")
+
+
 def expect_equal(what: str, got, expected) -> None:
     """Fail unless ``got == expected`` (for ints, strings, token lists: exact things)."""
     if got != expected:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nblib.checks import CheckFailed, call_learner, expect_close, passed
+from nblib.checks import CheckFailed, call_learner, expect_close, expect_unchanged, passed
 
 
 def _expect_tensor(what: str, got, shape: tuple[int, ...]) -> None:
@@ -170,8 +170,7 @@ def check_layer_norm(layer_norm) -> None:
     x, weight, bias = torch.randn(3, 10, generator=g) * 0.3, torch.randn(10, generator=g), torch.randn(10, generator=g)
     saved = x.clone()
     got = call_learner("layer_norm with eps=0.5", layer_norm, x, weight, bias, 0.5)
-    if not torch.equal(x, saved):
-        raise CheckFailed("layer_norm changed its input x in place: compute new tensors instead")
+    expect_unchanged("layer_norm", {"x": x}, {"x": saved})
     _expect_tensor("layer_norm with eps=0.5 on (3, 10)", got, (3, 10))
     if torch.allclose(got, F.layer_norm(x, (10,), weight, bias, eps=1e-5), atol=1e-5):
         raise CheckFailed("layer_norm with eps=0.5 gives what eps=1e-5 gives: use the eps argument it is given")
@@ -368,8 +367,7 @@ def _check_float64_and_gradients(what: str, module, x, reference, layers) -> Non
     module.double().eval()
     saved = x.clone()
     got = call_learner(what, module, x)
-    if not torch.equal(x, saved):
-        raise CheckFailed(f"{what}: forward changed its input x in place: compute new tensors instead")
+    expect_unchanged(f"{what}: forward", {"x": x}, {"x": saved})
     with torch.no_grad():
         want = reference(x)
     _expect_tensor(what, got, tuple(want.shape))

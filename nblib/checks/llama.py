@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from nblib import llama
-from nblib.checks import CheckFailed, call_learner, expect_close, expect_equal, passed
+from nblib.checks import CheckFailed, call_learner, expect_close, expect_equal, expect_unchanged, passed
 
 
 def check_rms_norm(rms_norm) -> None:
@@ -26,8 +26,7 @@ def check_rms_norm(rms_norm) -> None:
     x = torch.randn(2, 3, 8, generator=g, dtype=torch.float64) * 3 + 1
     saved, ref = x.clone(), llama.RMSNorm(8, 1e-6).double()
     got = call_learner("rms_norm on float64 input", rms_norm, x, ref.weight.detach().clone(), 1e-6)
-    if not torch.equal(x, saved):
-        raise CheckFailed("rms_norm changed its input x in place: return a new tensor")
+    expect_unchanged("rms_norm", {"x": x}, {"x": saved}, "return a new tensor")
     if torch.is_tensor(got) and got.dtype != torch.float64:
         raise CheckFailed(f"rms_norm on float64 input and weight returned {got.dtype}: keep the input's dtype")
     expect_close("rms_norm on float64 input", got, ref(x), atol=1e-8)
@@ -186,8 +185,7 @@ def check_rope(rope_tables, apply_rope) -> None:
         cos, sin = llama.rope_tables(d, T, theta)   # nblib's tables: apply_rope is checked on its own
         saved = x.clone()
         got = call_learner("apply_rope", apply_rope, x, cos, sin)
-        if not torch.equal(x, saved):
-            raise CheckFailed(f"apply_rope on shape {shape} changed its input x in place: return a new tensor")
+        expect_unchanged(f"apply_rope on shape {shape}", {"x": x}, {"x": saved}, "return a new tensor")
         expect_close(f"apply_rope on shape {shape}", got, llama.apply_rope(x, cos, sin), atol=1e-5, rtol=1e-5)
     # tables of one row per sequence, [B, 1, T, d] (left padding, lesson 08), broadcast over the heads
     x = torch.randn(2, 4, 6, 8, generator=g)

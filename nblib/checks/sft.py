@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nblib import chat, sft, tasks
-from nblib.checks import CheckFailed, call_learner, expect_close, expect_equal, passed
+from nblib.checks import CheckFailed, call_learner, expect_close, expect_equal, expect_unchanged, passed
 
 TOK = chat.ChatTokenizer()
 
@@ -67,21 +67,15 @@ def _cases(seed: int = 8):
     yield "random ids and mask [3, 9]", torch.randn(3, 9, TOK.vocab_size, generator=g) * 3, ids, mask
 
 
-def _expect_unchanged(what: str, given, originals) -> None:
-    """The learner's function must not write into its inputs: the caller's batch is used again after it."""
-    for name, after, before in zip(("logits", "ids", "mask"), given, originals):
-        if not torch.equal(after, before):
-            raise CheckFailed(f"{what} changed its input {name} in place (e.g. ids[~mask] = -100 or "
-                              "logits.masked_fill_): the batch belongs to the caller, who uses it again. "
-                              "Build new tensors instead (torch.where(mask, ids, -100), or .clone() first)")
-
-
 def check_sft_loss(sft_loss) -> None:
     """``sft_loss(logits [B, T, V], ids [B, T], mask [B, T]) -> scalar`` as ``nblib.sft.sft_loss``."""
     for what, logits, ids, mask in _cases():
-        given = (logits.clone(), ids.clone(), mask.clone())
-        got = call_learner("sft_loss", sft_loss, *given)
-        _expect_unchanged(f"sft_loss on {what}", given, (logits, ids, mask))
+        given = {"logits": logits.clone(), "ids": ids.clone(), "mask": mask.clone()}
+        got = call_learner("sft_loss", sft_loss, *given.values())
+        expect_unchanged(f"sft_loss on {what}", given, {"logits": logits, "ids": ids, "mask": mask},
+                         "the batch belongs to the caller, who uses it again (e.g. ids[~mask] = -100 or "
+                         "logits.masked_fill_ wrote into it). Build new tensors instead "
+                         "(torch.where(mask, ids, -100), or .clone() first)")
         want = sft.sft_loss(logits, ids, mask)
         if torch.is_tensor(got) and got.numel() != 1:
             raise CheckFailed(f"sft_loss on {what}: expected one number (a 0-d tensor), got shape {tuple(got.shape)}")
