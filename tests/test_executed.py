@@ -57,3 +57,8 @@ def test_executed_copy_shows_one_line_per_progress_bar(lesson):
     assert json.dumps([c.get("outputs", []) for c in tidy.cells]) == before, (
         f"executed/{lesson} keeps every redraw of its progress bars: record it again (tools/course.py record "
         f"{lesson[:2]}) or tidy it (python tools/record.py --tidy {lesson})")
+
+
+def test_tidy_of_no_executed_copy_says_which_there_are(capsys):
+    assert record.tidy(["nope"]) == 2
+    assert "name the executed copies to tidy" in capsys.readouterr().out

@@ -2,7 +2,7 @@
 
     python tools/course.py record            # every ready lesson, one after the other
     python tools/course.py record 05 07      # just these (the report keeps the others' rows)
-    python tools/course.py record --tidy 08_sft.ipynb   # one line per progress bar in a copy recorded before
+    python tools/course.py record --tidy 08     # one line per progress bar in a copy recorded before
 
 Each lesson runs top to bottom in a fresh kernel in full mode (``NBLIB_FAST=0``) with
 plain-text progress bars, on whatever device this machine has. The executed copy keeps
@@ -175,9 +175,14 @@ def write_report(rows: dict[str, dict], crs: dict) -> None:
     REPORT_MD.write_text("\n".join(lines) + "\n")
 
 
-def tidy(lessons: list[str]) -> int:
+def tidy(names: list[str]) -> int:
     """Tidy executed copies recorded before ``tidy_outputs`` existed (their outputs are otherwise kept as they are)."""
-    for lesson in lessons:
+    copies = sorted(p.name for p in EXECUTED.glob("*.ipynb"))
+    wanted = [c for c in copies if any(c.startswith(n) for n in names)]
+    if not wanted:
+        print(f"name the executed copies to tidy, e.g. `record --tidy 08` (executed/ has: {', '.join(copies)})")
+        return 2
+    for lesson in wanted:
         nb = nbformat.read(EXECUTED / lesson, as_version=4)
         print(f"executed/{lesson}: {tidy_outputs(nb)} outputs merged")
         nbformat.write(nb, EXECUTED / lesson)
