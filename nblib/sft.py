@@ -89,21 +89,24 @@ def sft_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tor
     return total / count
 
 
-def loss_fn(model, batch: Batch):
-    """SFT's training step loss for ``nblib.train``: ``(loss, metrics)`` on the assistant's tokens."""
+def loss_fn(model, batch: Batch, masked_loss=sft_loss):
+    """SFT's training step loss for ``nblib.train``: ``(loss, metrics)`` on the assistant's tokens.
+
+    ``masked_loss(logits, ids, mask)`` computes it (default ``sft_loss``; lesson 08 passes the learner's).
+    """
     batch = batch.to(next(model.parameters()).device)
     logits, _ = model(batch.ids)
-    loss = sft_loss(logits, batch.ids, batch.mask)
+    loss = masked_loss(logits, batch.ids, batch.mask)
     return loss, {"tokens": batch.mask[:, 1:].sum().float()}
 
 
-def all_tokens_loss_fn(model, batch: Batch, pad_id: int = 0):
+def all_tokens_loss_fn(model, batch: Batch, pad_id: int = 0, masked_loss=sft_loss):
     """The same loss with no assistant mask: every token but padding is a target (user messages too)."""
-    return loss_fn(model, Batch(batch.ids, batch.ids != pad_id))
+    return loss_fn(model, Batch(batch.ids, batch.ids != pad_id), masked_loss)
 
 
 def batches(mixture: tasks.Mixture, tokenizer: chat.ChatTokenizer, batch_size: int, block_size: int,
-            two_turn_fraction: float = 0.0):
+            two_turn_fraction: float = 0.0, render=chat.render):
     """``get_batch(split, generator) -> Batch`` of fresh conversations from ``mixture``.
 
     "train" draws training problems, "val" held-out ones (``nblib.train`` evaluates on
@@ -111,7 +114,8 @@ def batches(mixture: tasks.Mixture, tokenizer: chat.ChatTokenizer, batch_size: i
     generator state. A batch holds conversations of one problem each, or, with
     probability ``two_turn_fraction``, of two problems in a row (a whole batch of them:
     mixing lengths would pad every row to the longest). A conversation longer than
-    ``block_size`` tokens is drawn again.
+    ``block_size`` tokens is drawn again. ``render(conversation, tokenizer) -> (ids, mask)``
+    writes each one (default ``chat.render``; lesson 08 passes the learner's).
     """
     def get_batch(split: str, generator: torch.Generator | None = None) -> Batch:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
@@ -119,7 +123,7 @@ def batches(mixture: tasks.Mixture, tokenizer: chat.ChatTokenizer, batch_size: i
         turns = 2 if rng.random() < two_turn_fraction else 1
         examples = []
         while len(examples) < batch_size:
-            ids, mask = chat.render(mixture.conversation(rng, split, turns), tokenizer)
+            ids, mask = render(mixture.conversation(rng, split, turns), tokenizer)
             if len(ids) <= block_size:
                 examples.append((ids, mask))
         return collate(examples, tokenizer.pad_id)
@@ -175,8 +179,9 @@ def max_reply_tokens(problems: list[tasks.Problem]) -> int:
 def evaluate(model, tokenizer: chat.ChatTokenizer, problems: list[tasks.Problem],
              shots: dict[str, list[tasks.Problem]] | None = None, max_new_tokens: int | None = None,
              batch_size: int = 64, temperature: float = 0.0, generator: torch.Generator | None = None,
-             show_progress: bool = True) -> list[Reply]:
-    """Replies of ``model`` to ``problems`` (greedy by default), batched through ``nblib.engine``.
+             show_progress: bool = True, generate=engine.generate) -> list[Reply]:
+    """Replies of ``model`` to ``problems`` (greedy by default), batched through ``nblib.engine``
+    (or ``generate``, a function called as ``engine.generate`` is: lesson 08 passes the learner's).
 
     ``shots`` (task name -> solved problems) makes few-shot prompts, for a base model
     that has never seen the template used as a chat; as many shots as fit are used.
@@ -194,7 +199,7 @@ def evaluate(model, tokenizer: chat.ChatTokenizer, problems: list[tasks.Problem]
             jobs.append((task, idxs[start:start + batch_size], n_new))
     for task, idxs, n_new in progress(jobs, desc="eval", **({} if show_progress else {"disable": True})):
         prompts = [_fit_shots(problems[i], (shots or {}).get(task, []), tokenizer, block - n_new) for i in idxs]
-        rollout = engine.generate(model, prompts, n_new, temperature=temperature, stop_tokens=[tokenizer.end_id],
+        rollout = generate(model, prompts, n_new, temperature=temperature, stop_tokens=[tokenizer.end_id],
                                   pad_id=tokenizer.pad_id, generator=generator)
         for i, completion, finished in zip(idxs, rollout.completions(), rollout.finished.tolist()):
             text = chat.reply_text(completion, tokenizer)
@@ -239,9 +244,12 @@ def format_compliance(replies: list[Reply]) -> float:
     return sum(r.ended for r in replies) / max(len(replies), 1)
 
 
-def summary(replies: list[Reply]) -> dict:
-    """Accuracy per verifiable task, their mean, and format compliance, for a table."""
-    acc = accuracy_by_task([r.problem for r in replies], [r.text for r in replies])
+def summary(replies: list[Reply], accuracy=accuracy_by_task) -> dict:
+    """Accuracy per verifiable task, their mean, and format compliance, for a table.
+
+    ``accuracy(problems, reply_texts) -> {task: share right}`` scores them (lesson 08 passes the learner's).
+    """
+    acc = accuracy([r.problem for r in replies], [r.text for r in replies])
     return {"accuracy": acc, "mean_accuracy": sum(acc.values()) / max(len(acc), 1),
             "format": format_compliance(replies)}
 
