@@ -154,11 +154,16 @@ def run_mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, dev
     return None if peak is None else hardware.mfu(flops_per_token, tokens_per_s, peak * devices)
 
 
-def step_mfu(step_seconds: float, global_batch: int, seq_len: int, flops_per_token: float,
-             peak_per_device: float, devices: int = 1) -> float:
-    """MFU of one optimizer step of ``global_batch`` x ``seq_len`` tokens on ``devices`` devices
-    (lesson 14's exercise): the step's FLOP/s over the peak of all of them."""
-    return hardware.mfu(flops_per_token, global_batch * seq_len / step_seconds, peak_per_device * devices)
+def logged_mfu(train_rows: list[dict], flops_per_token: float, peak_per_device: float, devices: int = 1) -> float:
+    """The run's steady MFU from its log's ``train`` rows (lesson 14's exercise), as its summary row
+    reports it: every interval between rows but the first (warm-up, compilation) unless it is the
+    only one; their tokens over their seconds (a row's ``tokens_per_s`` covers its own interval,
+    and intervals can differ in length: a mean of the rows' speeds would weigh them wrongly)."""
+    before = [0] + [row["tokens"] for row in train_rows[:-1]]
+    intervals = [(row["tokens"] - b, (row["tokens"] - b) / row["tokens_per_s"]) for row, b in zip(train_rows, before)]
+    kept = intervals[1:] or intervals
+    tokens_per_s = sum(t for t, _ in kept) / sum(s for _, s in kept)
+    return hardware.mfu(flops_per_token, tokens_per_s, peak_per_device * devices)
 
 
 def choose_batch_size(measured: dict[int, float], budget_bytes: float, global_batch: int) -> tuple[int, float, float]:
@@ -267,6 +272,7 @@ class Options:
     compile: bool | None = None     # None: on CUDA only
     checksums: bool = True          # hash every shard before reading it (~1 s per GB)
     debug: bool = False             # log each rank's first rows
+    average_gradients: str | None = None  # a .py file whose average_gradients(model) replaces DDP (lesson 14)
 
 
 def train_loss(runner: torch.nn.Module):
@@ -283,6 +289,23 @@ def train_loss(runner: torch.nn.Module):
             _, loss = runner(x, y)
         return loss
     return loss_fn
+
+
+def load_average_gradients(path: str):
+    """``average_gradients(model)`` from the Python file at ``path`` (lesson 14's exercise, written out
+    by ``nblib.checks.pretrain.write_average_gradients``): with it, the processes train without DDP and
+    call it after each step's backward passes to average the gradients by hand."""
+    import importlib.util
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--average-gradients {path}: no such file (a .py file that defines "
+                                "average_gradients(model))")
+    spec = importlib.util.spec_from_file_location("learners_average_gradients", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "average_gradients", None)):
+        raise ValueError(f"--average-gradients {path}: the file defines no function average_gradients(model)")
+    return module.average_gradients
 
 
 def eval_batches(windows: dict[str, shards.Windows], batch_size: int, device: torch.device, tick=None):
@@ -360,7 +383,11 @@ class TrainingRun:
         torch.manual_seed(preset.seed)  # the same initial weights in every process
         model = Llama(preset_model(preset, self.manifest["vocab_size"])).to(device)
         self.compile = device.type == "cuda" if opts.compile is None else opts.compile
-        self.runner = wrap(model, env, self.compile)
+        # the gradients are averaged over the processes by DDP, or by the learner's function (--average-gradients)
+        by_hand = load_average_gradients(opts.average_gradients) if opts.average_gradients else None
+        self.gradient_sync = ("none (one process)" if env.world_size == 1 else
+                              "DDP" if by_hand is None else f"average_gradients from {opts.average_gradients}")
+        self.runner = wrap(model, env, self.compile, ddp=by_hand is None)
         # The trainer holds the plain model: what it saves has the names a plain model loads.
         self.ckpt = opts.out / CHECKPOINT
         self.dtype = resolve_dtype(device, preset.dtype)
@@ -369,7 +396,8 @@ class TrainingRun:
         self.schedule_steps = self.saved_schedule() if self.resumed else preset.max_steps
         schedule = dataclasses.replace(preset, max_steps=self.schedule_steps)
         self.trainer = Trainer(unwrap(self.runner), train_config(schedule, self.accum, self.ckpt, self.dtype),
-                               device, preset.tokens_per_step)
+                               device, preset.tokens_per_step,
+                               after_backward=by_hand if by_hand is not None and env.world_size > 1 else None)
         if self.resumed:
             self.resume()
         # measuring and logging
@@ -406,7 +434,8 @@ class TrainingRun:
         p, env, trainer = self.preset, self.env, self.trainer
         stop = p.max_steps if self.opts.stop_at is None else min(self.opts.stop_at, p.max_steps)
         self.log.write("start", step=trainer.steps_done, resumed=self.resumed, world_size=env.world_size,
-                       accum_steps=self.accum, device=str(env.device), dtype=self.dtype, compile=self.compile)
+                       accum_steps=self.accum, device=str(env.device), dtype=self.dtype, compile=self.compile,
+                       gradient_sync=self.gradient_sync)
         if env.is_main and env.device.type == "cpu":
             self.estimate(stop)
         try:
@@ -687,6 +716,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checksums", action=argparse.BooleanOptionalAction, default=True,
                    help="check each shard's sha256 before reading (default on; off checks sizes only)")
     p.add_argument("--debug", action="store_true", help="log each rank's first rows (a 'debug' row)")
+    p.add_argument("--average-gradients", metavar="FILE.py",
+                   help="train without DDP: after each step's backward passes, every process calls "
+                        "average_gradients(model) from this file (lesson 14's exercise) to average the gradients")
     p.add_argument("--measured", help="when the run ends, write what it measured (device, torch, date, log) to "
                                       "this JSON file, e.g. nblib/measured/pretrain_<preset>_<gpu>.json")
     fields = p.add_argument_group("preset fields (override the preset)")
@@ -712,6 +744,9 @@ def check_args(args: argparse.Namespace, preset: Preset) -> None:
     check_preset(preset)
     if args.stop_at is not None and args.stop_at < 1:
         raise UsageError(f"--stop-at must be >= 1, got {args.stop_at}")
+    if args.average_gradients is not None and not Path(args.average_gradients).is_file():
+        raise UsageError(f"--average-gradients {args.average_gradients}: no such file (a .py file that defines "
+                         "average_gradients(model))")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite starts a new one: pass one of them")
     for flag, path in (("--out", args.out), ("--data-dir", args.data_dir)):
@@ -815,6 +850,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = init_distributed(args.device)
     opts = Options(out=out, data_dir=args.data_dir, resume=args.resume, stop_at=args.stop_at, compile=args.compile,
                    checksums=args.checksums, debug=args.debug, overwrite=args.overwrite,
+                   average_gradients=args.average_gradients,
                    resume_command=resume_command(argv, env))
     # Tiny models on a CPU run on one thread, as nblib.setup does in FAST mode: a second
     # thread only adds synchronisation. The caller's thread count comes back afterwards.

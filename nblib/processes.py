@@ -91,11 +91,12 @@ def unwrap(model: torch.nn.Module, keep_compiled: bool = False) -> torch.nn.Modu
             return model
 
 
-def wrap(model: torch.nn.Module, env: Env, use_compile: bool) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, env: Env, use_compile: bool, ddp: bool = True) -> torch.nn.Module:
     """The model as the training step calls it: compiled (``torch.compile``), then in DDP when
-    there are several processes (nanoGPT's order)."""
+    there are several processes (nanoGPT's order). ``ddp=False``: never in DDP (the
+    gradients are then averaged some other way, e.g. by a function of the learner's)."""
     runner = torch.compile(model) if use_compile else model
-    if env.world_size > 1:
+    if env.world_size > 1 and ddp:
         # DDP also re-sends rank 0's buffers (here only the RoPE tables) about once a step: 2 x T x head_dim
         # floats, too few to be worth an option whose name changes between torch versions
         runner = DDP(runner, device_ids=[env.device.index] if env.device.type == "cuda" else None)

@@ -334,6 +334,8 @@ class Trainer:
     device (``to_device``). ``history`` is read back from the device every
     ``cfg.log_interval`` steps and whenever you read ``trainer.history``; a nan or inf loss
     among those steps stops the run there with a ``FloatingPointError`` (without float16's scaler).
+    ``after_backward(model)``, if given, runs after the step's backward passes and before
+    clipping: where data-parallel training averages the gradients over processes.
 
     ``save(path)`` / ``load(path)`` checkpoint everything, RNG included; a run that loads
     and goes on with the same batches equals one that never stopped (draw each batch
@@ -343,8 +345,9 @@ class Trainer:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: str | torch.device | None = None,
-                 tokens_per_step: int = 0):
+                 tokens_per_step: int = 0, after_backward: Callable | None = None):
         self.model, self.cfg = model, cfg
+        self.after_backward = after_backward  # called with the model after a step's backward passes
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if cfg.log_interval < 1:
             raise ValueError(f"log_interval must be >= 1, got {cfg.log_interval}")
@@ -385,6 +388,8 @@ class Trainer:
             losses.append(loss.detach())
             for name, value in named.items():
                 metrics.setdefault(name, []).append(torch.as_tensor(value).detach().float())
+        if self.after_backward is not None:  # e.g. averaging the gradients over processes by hand (lesson 14)
+            self.after_backward(self.model)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         clip = self.cfg.grad_clip if self.cfg.grad_clip is not None else float("inf")

@@ -184,6 +184,52 @@ def test_two_processes_under_torchrun_match_one(char_data, tmp_path):
     assert proc.stdout.count("step      1 | loss") == 1 and proc.stdout.count("summary:") == 1
 
 
+AVERAGE_BY_HAND = """
+def average_gradients(model):
+    for weight in model.parameters():
+        if weight.grad is not None:
+            dist.all_reduce(weight.grad)
+            weight.grad /= dist.get_world_size()
+"""
+
+
+@pytest.mark.slow
+def test_gradients_averaged_by_hand_train_what_ddp_trains(char_data, tmp_path):
+    # lesson 14: --average-gradients FILE replaces DDP with the learner's function; same losses, same weights
+    from nblib import checkpoint
+    from nblib.checks.pretrain import _HEADER
+    args = ["--preset", "shakespeare-char", "--tiny", "--data-dir", str(char_data), "--global_batch", "32",
+            "--max_steps", "4", "--eval_interval", "4"]
+    torchrun(args + ["--out", str(tmp_path / "ddp")])
+    by_hand = tmp_path / "yours.py"
+    by_hand.write_text(_HEADER + AVERAGE_BY_HAND)
+    torchrun(args + ["--out", str(tmp_path / "yours"), "--average-gradients", str(by_hand)])
+    ddp, yours = read_log(tmp_path / "ddp"), read_log(tmp_path / "yours")
+    assert rows(ddp, "start")[0]["gradient_sync"] == "DDP"
+    assert rows(yours, "start")[0]["gradient_sync"] == f"average_gradients from {by_hand}"
+    got, want = losses(yours), losses(ddp)
+    assert sorted(got) == list(range(1, 5))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    a = checkpoint.load_model(tmp_path / "ddp" / "ckpt.safetensors", "cpu")
+    b = checkpoint.load_model(tmp_path / "yours" / "ckpt.safetensors", "cpu")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-4, msg=name)
+    # without the all-reduce each process steps on its own half of the batch: the run goes on, the losses differ
+    # (forgetting the division would not show here: AdamW's step does not change when every gradient doubles)
+    by_hand.write_text(_HEADER + AVERAGE_BY_HAND.replace("dist.all_reduce(weight.grad)", "pass"))
+    torchrun(args + ["--out", str(tmp_path / "sum"), "--average-gradients", str(by_hand)])
+    summed = losses(read_log(tmp_path / "sum"))
+    assert any(abs(summed[s] - want[s]) > 1e-4 * abs(want[s]) for s in (2, 3, 4))
+
+
+def test_a_missing_average_gradients_file_is_refused_before_anything_starts(char_data, tmp_path):
+    with pytest.raises(pretrain.UsageError, match="--average-gradients .*no such file"):
+        pretrain.main(["--preset", "shakespeare-char", "--tiny", "--data-dir", str(char_data),
+                       "--out", str(tmp_path / "x"), "--average-gradients", str(tmp_path / "nope.py")])
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 def test_a_run_begun_on_one_process_resumes_on_two(straight, char_data, tmp_path):
     _, uninterrupted = straight

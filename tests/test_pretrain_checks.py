@@ -3,6 +3,7 @@
 ``check_average_gradients`` starts torchrun (2 gloo processes, ~5 s): twice here, for a right
 answer and a sum left undivided; its verdict on the other mistakes is tested in this process,
 on reports built the way each rank builds its own."""
+import json
 import sys
 
 import numpy as np
@@ -14,33 +15,73 @@ from nblib import pretrain
 from nblib.checks import CheckFailed
 from nblib.checks import pretrain as checks
 
-# ---------------------------------------------------------------------------- step_mfu
+# ---------------------------------------------------------------------------- run_mfu
 
 
-def step_mfu(step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices):
-    tokens_per_second = global_batch * seq_len / step_seconds
-    return flops_per_token * tokens_per_second / (peak_per_device * devices)
+def run_mfu(train_rows, flops_per_token, peak_per_device, devices):
+    previous = [0] + [row["tokens"] for row in train_rows[:-1]]
+    tokens = [row["tokens"] - before for row, before in zip(train_rows, previous)]
+    seconds = [t / row["tokens_per_s"] for t, row in zip(tokens, train_rows)]
+    first = 1 if len(train_rows) > 1 else 0
+    return flops_per_token * sum(tokens[first:]) / sum(seconds[first:]) / (peak_per_device * devices)
 
 
-def test_step_mfu_accepts_the_formula_and_the_programs_function():
-    checks.check_step_mfu(step_mfu)
-    checks.check_step_mfu(lambda s, B, T, fpt, peak, n: pretrain.run_mfu(fpt, B * T / s, peak, n))
+def test_run_mfu_accepts_the_formula_and_the_programs_function():
+    checks.check_run_mfu(run_mfu)
+    checks.check_run_mfu(lambda rows, fpt, peak, n: pretrain.logged_mfu(rows, fpt, peak, n))
+
+
+def _all_rows(rows, fpt, peak, n):
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + rows, rows)]
+    return fpt * sum(tokens) / sum(t / r["tokens_per_s"] for t, r in zip(tokens, rows)) / (peak * n)
+
+
+def _mean_of_speeds(rows, fpt, peak, n):
+    kept = rows[1:] or rows
+    return fpt * sum(r["tokens_per_s"] for r in kept) / len(kept) / (peak * n)
+
+
+def _every_row_but_the_first_always(rows, fpt, peak, n):
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip([{"tokens": 0}] + rows, rows)][1:]
+    return fpt * sum(tokens) / sum(t / r["tokens_per_s"] for t, r in zip(tokens, rows[1:])) / (peak * n)
+
+
+def _popping_rows(rows, fpt, peak, n):
+    rows.pop(0)
+    return run_mfu(rows or [{"tokens": 1, "tokens_per_s": 1.0}], fpt, peak, n)
 
 
 @pytest.mark.parametrize("wrong, message", [
-    (lambda s, B, T, fpt, peak, n: fpt * B * T / s / peak, r"the peak of all the devices: peak_per_device x devices"),
-    (lambda s, B, T, fpt, peak, n: fpt * B / s / (peak * n), "seq_len is missing"),
-    (lambda s, B, T, fpt, peak, n: 100 * step_mfu(s, B, T, fpt, peak, n), "not a percentage"),
-    (lambda s, B, T, fpt, peak, n: fpt * B * T * s / (peak * n), "not tokens x step_seconds"),
-    (lambda s, B, T, fpt, peak, n: fpt * B * T / s / (peak * n) / n, "do not divide the tokens by devices"),
-    (lambda s, B, T, fpt, peak, n: 1.1 * step_mfu(s, B, T, fpt, peak, n), r"step_mfu\(step_seconds=0.5.*off by"),
-    (lambda s, B, T, fpt, peak, n: torch.tensor(step_mfu(s, B, T, fpt, peak, n)), r"expected a float.*\.item\(\)"),
-    (lambda s, B, T, fpt, peak, n: None, "returned None"),
-    (lambda s, B, T, fpt, peak, n: "0.4", "expected a float"),
+    (_all_rows, "leave its row out"),
+    (_mean_of_speeds, "a mean of the rows' tokens/s"),
+    (lambda rows, fpt, peak, n: fpt * rows[-1]["tokens_per_s"] / (peak * n), "the last row alone"),
+    (lambda rows, fpt, peak, n: fpt * sum(r["tokens"] for r in rows[1:]) / sum(r["tokens"] / r["tokens_per_s"]
+                                                                                 for r in rows[1:]) / (peak * n),
+     "its interval's tokens are its tokens minus the previous row's"),
+    (lambda rows, fpt, peak, n: n * run_mfu(rows, fpt, peak, n), "the peak of all the devices"),
+    (lambda rows, fpt, peak, n: 100 * run_mfu(rows, fpt, peak, n), "not a percentage"),
+    (_every_row_but_the_first_always, "with a single row there is no other interval"),
+    (_popping_rows, "changed the log rows"),
+    (lambda rows, fpt, peak, n: 1.1 * run_mfu(rows, fpt, peak, n), r"run_mfu\(one GPU.*off by"),
+    (lambda rows, fpt, peak, n: torch.tensor(run_mfu(rows, fpt, peak, n)), r"expected a float.*\.item\(\)"),
+    (lambda rows, fpt, peak, n: None, "returned None"),
 ])
-def test_step_mfu_names_the_mistake(wrong, message):
+def test_run_mfu_names_the_mistake(wrong, message):
     with pytest.raises(CheckFailed, match=message):
-        checks.check_step_mfu(wrong)
+        checks.check_run_mfu(wrong)
+
+
+def test_logged_mfu_is_what_the_program_reports(tmp_path):
+    # the course's function, on a real log, gives the summary row's MFU (the program's Speedometer.steady)
+    from nblib import runlog
+    args = ["--preset", "shakespeare-char", "--tiny", "--max_steps", "12", "--log_interval", "3", "--eval_interval", "12",
+            "--out", str(tmp_path / "run"), "--device", "cpu"]
+    summary = pretrain.main(args)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    rows = runlog.log_rows(runlog.read_log(tmp_path / "run"), "train")
+    assert len(rows) == 4
+    got = pretrain.logged_mfu(rows, config["flops_per_token"], config["peak_flops_per_device"], config["devices_in_peak"])
+    assert got == pytest.approx(summary["mfu"], rel=1e-6)
 
 
 # ---------------------------------------------------------------------------- average_gradients

@@ -207,14 +207,14 @@ def measured_mfu(model, step_seconds, batch_size, block_size, peak_flops):
     raise NotImplementedError("Exercise 13.mfu: your code goes here (replace this line).")
 
 
-def step_mfu(step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices):
-    """MFU of one optimizer step of a run on `devices` devices."""
-    raise NotImplementedError("Exercise 14.step_mfu: your code goes here (replace this line).")
+def run_mfu(train_rows, flops_per_token, peak_per_device, devices):
+    """The steady MFU of a run from its log's train rows."""
+    raise NotImplementedError("Exercise 14.run_mfu: your code goes here (replace this line).")
 
 
 @pytest.mark.parametrize("check, stub, exercise", [
     (profiling_checks.check_mfu, measured_mfu, "13.mfu"),
-    (pretrain_checks.check_step_mfu, step_mfu, "14.step_mfu"),
+    (pretrain_checks.check_run_mfu, run_mfu, "14.run_mfu"),
 ])
 def test_an_empty_exercise_says_so_and_its_traceback_shows_no_formula(check, stub, exercise):
     with pytest.raises(NotImplementedError) as err:

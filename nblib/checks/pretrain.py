@@ -1,4 +1,4 @@
-"""Checks for lesson 14's exercises: the MFU of a multi-GPU step, averaging gradients across
+"""Checks for lesson 14's exercises: the steady MFU of a run from its log, averaging gradients across
 processes (what DDP's backward does), and the micro-batch size from measured memory.
 
 ``check_average_gradients`` runs the learner's function in two real processes (gloo, under
@@ -30,7 +30,7 @@ import torch.nn as nn
 from nblib import pretrain
 from nblib.checks import CheckFailed, call_learner, expect_close, passed
 
-# ---------------------------------------------------------------------------- 1. MFU of a step
+# ---------------------------------------------------------------------------- 1. MFU of a run, from its log
 
 
 def _as_float(what: str, got) -> float:
@@ -40,48 +40,72 @@ def _as_float(what: str, got) -> float:
     return float(got)
 
 
-STEP_MFU_CASES = [  # (step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices)
-    (0.5, 64, 256, 6 * 10.6e6, 65e12, 1),          # a T4 (float16)
-    (0.4, 512, 1024, 6 * 124e6, 989e12, 8),        # GPT-2 small on 8 H100s
-    (1.5, 48, 512, 2.4e9, 312e12, 3),
-    (2.0, 16, 64, 737_664, 1e9, 2),
-    (0.8, 32, 64, 737_664, 2e11, 4),
+def log_rows(tokens_per_step: int, steps: list[int], speeds: list[float]) -> list[dict]:
+    """``train`` rows as the program logs them: row i covers ``steps[i]`` steps at ``speeds[i]`` tokens/s."""
+    rows, done = [], 0
+    for n, speed in zip(steps, speeds):
+        done += n
+        rows.append({"step": done, "tokens": done * tokens_per_step, "tokens_per_s": speed, "loss": 3.0})
+    return rows
+
+
+RUN_MFU_CASES = [  # (what, rows, flops_per_token, peak_per_device, devices)
+    ("one GPU, a slow first interval (warm-up)", log_rows(64 * 256, [10, 10, 10, 10], [2.0e4, 1.0e5, 1.1e5, 0.9e5]),
+     6 * 10.6e6, 65e12, 1),
+    ("8 GPUs, the last interval shorter than the others", log_rows(512 * 1024, [25, 25, 25, 7], [3e5, 9e5, 9.5e5, 5e5]),
+     6 * 124e6, 989e12, 8),
+    ("2 processes, intervals of different lengths", log_rows(32 * 64, [5, 20, 3, 12], [1e3, 4e4, 1e4, 3.5e4]),
+     737_664, 1e11, 2),
+    ("a run short enough for one log row", log_rows(16 * 64, [6], [5e3]), 737_664, 2e10, 2),
 ]
 
 
-def _course_step_mfu(s, B, T, fpt, peak, n) -> float:
-    """The expected answer: the MFU nblib.pretrain logs for such a step (out of the check's loop, whose
-    lines a learner's traceback shows)."""
-    return pretrain.run_mfu(fpt, B * T / s, peak, n)
-
-
-def _name_the_step_mfu_slip(what: str, got: float, expected: float, s, T, n) -> None:
-    """Fail naming the familiar slip ``got`` is, if it is one."""
-    slips = {  # what a familiar slip gives, and what to say about it
-        expected * n: "divide by the peak of all the devices: peak_per_device x devices",
-        expected / n: "global_batch counts the rows of all the devices together: do not divide the tokens "
-                      "by devices as well as multiplying the peak",
-        expected / T: "the step processed global_batch x seq_len tokens: seq_len is missing",
-        expected * 100: "return a fraction (0.42), not a percentage",
-        expected * s: "FLOP/s is the step's FLOPs divided by step_seconds",
-        expected * s * s: "tokens per second is tokens / step_seconds, not tokens x step_seconds",
+def _interval_slips(rows, fpt, peak, n) -> dict[float, str]:
+    """What familiar slips give on ``rows``, and what to say about each."""
+    def mfu_of(tokens_per_s):
+        return fpt * tokens_per_s / (peak * n)
+    before = [0] + [r["tokens"] for r in rows[:-1]]
+    tokens = [r["tokens"] - b for r, b in zip(rows, before)]
+    seconds = [t / r["tokens_per_s"] for t, r in zip(tokens, rows)]
+    kept = slice(1, None) if len(rows) > 1 else slice(None)
+    right = mfu_of(sum(tokens[kept]) / sum(seconds[kept]))
+    speeds = [r["tokens_per_s"] for r in rows]
+    return {
+        mfu_of(sum(tokens) / sum(seconds)): "the first interval holds the warm-up (and compilation): leave its row "
+                                            "out (unless it is the only one)",
+        mfu_of(sum(speeds[kept]) / len(speeds[kept])): "a mean of the rows' tokens/s weighs a short interval as much "
+                                                       "as a long one: add up the tokens and the seconds of the "
+                                                       "intervals, then divide",
+        mfu_of(speeds[-1]): "the last row alone is one interval; the run's speed is over every interval but the first",
+        mfu_of(sum(r["tokens"] for r in rows[kept]) / sum(r["tokens"] / r["tokens_per_s"] for r in rows[kept])):
+            "a row's tokens count everything since step 0; its interval's tokens are its tokens minus the previous "
+            "row's",
+        right * n: "divide by the peak of all the devices: peak_per_device x devices",
+        right * 100: "return a fraction (0.42), not a percentage",
     }
-    for wrong, hint in slips.items():
-        if not math.isclose(wrong, expected, rel_tol=1e-6) and math.isclose(got, wrong, rel_tol=1e-6):
-            raise CheckFailed(f"{what}: expected {expected:.6g}, got {got:.6g}: {hint}")
 
 
-def check_step_mfu(step_mfu) -> None:
-    """``step_mfu(step_seconds, global_batch, seq_len, flops_per_token, peak_per_device, devices) -> float``,
-    the step's achieved FLOP/s over the peak of all its devices."""
-    for s, B, T, fpt, peak, n in STEP_MFU_CASES:
-        what = (f"step_mfu(step_seconds={s}, global_batch={B}, seq_len={T}, flops_per_token={fpt:g}, "
-                f"peak_per_device={peak:g}, devices={n})")
-        got = _as_float(what, call_learner(what, step_mfu, s, B, T, fpt, peak, n))
-        expected = _course_step_mfu(s, B, T, fpt, peak, n)
-        _name_the_step_mfu_slip(what, got, expected, s, T, n)
-        expect_close(what, got, expected, atol=0, rtol=1e-6)
-    passed("step_mfu")
+def check_run_mfu(run_mfu) -> None:
+    """``run_mfu(train_rows, flops_per_token, peak_per_device, devices) -> float``: the steady MFU of a run
+    from its log's train rows, as ``nblib.pretrain.logged_mfu`` (and the program's summary row)."""
+    for what, rows, fpt, peak, n in RUN_MFU_CASES:
+        call = f"run_mfu({what}: {len(rows)} rows, devices={n})"
+        given = copy.deepcopy(rows)
+        try:
+            got = _as_float(call, call_learner(call, run_mfu, given, fpt, peak, n))
+        except CheckFailed as err:
+            if len(rows) == 1 and isinstance(err.__cause__, ZeroDivisionError):
+                raise CheckFailed(f"{call}: with a single row there is no other interval to keep: use that one "
+                                  "(leave the first row out only when others remain)") from err
+            raise
+        if given != rows:
+            raise CheckFailed(f"{call} changed the log rows it was given: they are the caller's, read them only")
+        expected = pretrain.logged_mfu(rows, fpt, peak, n)
+        for wrong, hint in _interval_slips(rows, fpt, peak, n).items():
+            if not math.isclose(wrong, expected, rel_tol=1e-6) and math.isclose(got, wrong, rel_tol=1e-6):
+                raise CheckFailed(f"{call}: expected {expected:.6g}, got {got:.6g}: {hint}")
+        expect_close(call, got, expected, atol=0, rtol=1e-6)
+    passed("run_mfu")
 
 
 # ---------------------------------------------------------------------------- 2. averaging gradients
@@ -311,6 +335,17 @@ def _verdict(reports: list[dict]) -> None:
                 if others:
                     hint += (f"; rank {others[0]} holds another gradient for it: the ranks' models would drift apart")
             raise CheckFailed(f"{head} ({hint})")
+
+
+def write_average_gradients(average_gradients, path) -> Path:
+    """Write the learner's ``average_gradients`` (its source, with the imports it may use) to the file
+    ``path``, for processes to load: the check's, and ``python -m nblib.pretrain --average-gradients``."""
+    source, name = _source_of(average_gradients)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    alias = "" if name == "average_gradients" else f"\naverage_gradients = {name}\n"
+    path.write_text(_HEADER + source + alias)
+    return path
 
 
 def _harness(tmp: Path, source: str, name: str) -> list[str]:
