@@ -360,9 +360,11 @@ def _no_compile_cache():
 
 def run_ladder(rungs: list[Rung], config: llama.LlamaConfig, ids: torch.Tensor, device, n_steps: int,
                batch_size: int, block_size: int, peak: float, seed: int = 0, fp32_tol: float = 2e-3,
-               bf16_tol: float = 0.05, skip: dict[str, str] | None = None) -> list[Row]:
+               bf16_tol: float = 0.05, skip: dict[str, str] | None = None, bf16_step=None) -> list[Row]:
     """Climb the ladder: each rung adds its change to the previous settings. ``skip`` maps a
-    rung name to why it does not run here; its row is kept with the reason and no numbers."""
+    rung name to why it does not run here; its row is kept with the reason and no numbers.
+    ``bf16_step(model, optimizer, x, y) -> loss`` (lesson 13's exercise) takes the steps of every
+    rung that runs in bfloat16, instead of ``training_step``."""
     settings, rows, base_loss = dict(BASE_SETTINGS), [], None
     skip = skip or {}
     for rung in progress(rungs, desc="ladder"):
@@ -370,7 +372,9 @@ def run_ladder(rungs: list[Rung], config: llama.LlamaConfig, ids: torch.Tensor, 
             rows.append(Row(rung.name, {**settings, **rung.change}, skipped=skip[rung.name], why=rung.why))
             continue  # the change is not applied: later rows go on without it
         settings = {**settings, **rung.change}
+        by_learner = bf16_step is not None and settings["dtype"] == "bfloat16"
         r = run_rung(settings, config, ids, device, n_steps, batch_size, block_size, seed,
+                     make_step=_step_maker(bf16_step) if by_learner else None,
                      cold_compile=bool(rung.change.get("compile")))
         same_batches = (settings["batch_size"] or batch_size) == batch_size
         tol = None if not same_batches else (bf16_tol if settings["dtype"] == "bfloat16" else fp32_tol)
@@ -385,6 +389,13 @@ def run_ladder(rungs: list[Rung], config: llama.LlamaConfig, ids: torch.Tensor, 
                                  f"{base_loss:.4f} by more than {tol}")
         rows.append(row)
     return rows
+
+
+def _step_maker(step):
+    """``run_rung``'s ``make_step`` for a step function ``step(model, optimizer, x, y)``."""
+    def make_step(model, optimizer, device, dtype):
+        return lambda x, y: step(model, optimizer, x, y)
+    return make_step
 
 
 def ladder_json(rows: list[Row], device, config: llama.LlamaConfig, extra: dict | None = None) -> dict:

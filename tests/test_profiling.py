@@ -135,6 +135,24 @@ def test_tiny_ladder_runs_and_round_trips(tmp_path):
     assert profiling.measured_ladders(tmp_path / "absent") == []
 
 
+def test_the_bfloat16_rungs_take_the_learners_step():
+    # lesson 13: run_ladder(bf16_step=...) trains every rung from bf16 autocast on with the learner's step
+    config = llama.LlamaConfig(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    ids = torch.randint(0, 32, (2000,), generator=torch.Generator().manual_seed(0))
+    rungs = [r for r in profiling.cpu_ladder(2, threads=1, compile=False) if "thread" in r.name or "bf16" in r.name
+             or "fused" in r.name]
+    calls = []
+
+    def bf16_step(model, opt, x, y):
+        calls.append(model)
+        return profiling.training_step(model, opt, x, y, x.device, "bfloat16")
+
+    rows = profiling.run_ladder(rungs, config, ids, "cpu", 2, 2, 16, peak=1e11, bf16_step=bf16_step)
+    bf16_rows = [r for r in rows if r.settings["dtype"] == "bfloat16"]
+    assert len(bf16_rows) == 2 and len(calls) == 2 * 2  # two rungs of two steps, each with the learner's step
+    assert abs(bf16_rows[0].loss - rows[0].loss) <= bf16_rows[0].loss_tol
+
+
 def test_command_line_tiny(tmp_path):
     out = tmp_path / "l.json"
     profiling.main(["--ladder", "--tiny", "--no-compile", "--steps", "2", "--out", str(out)])
