@@ -45,21 +45,30 @@ class DPOConfig:
         return train.finetune_config(steps, self.lr, self.batch_size, seed)
 
 
-def completion_logprobs(model: nn.Module, batch: prefs.PairBatch) -> torch.Tensor:
-    """[2B]: each row's log-prob of its completion tokens, summed (with gradient, in the model's mode)."""
+def completion_logprobs(model: nn.Module, batch: prefs.PairBatch, reply_logprobs=None) -> torch.Tensor:
+    """[2B]: each row's log-prob of its completion tokens, summed (with gradient, in the model's mode).
+
+    ``reply_logprobs(logits, ids, completion_mask) -> [2B]``, if given, sums them from the logits of one
+    forward over the rows (lesson 10 passes the learner's); by default ``engine.sequence_logprobs`` does.
+    """
     if batch.ids.shape[0] == 0:
         raise ValueError("an empty PairBatch: nothing to compute log-probs of")
+    if reply_logprobs is not None:
+        logits, _ = model(batch.ids)
+        return reply_logprobs(logits, batch.ids, batch.completion_mask)
     summed, _ = engine.sequence_logprobs(model, batch.ids, batch.completion_mask)
     return summed
 
 
 @torch.no_grad()
-def reference_logprobs(ref: nn.Module, pairs: list[prefs.Pair], pad_id: int, batch_size: int = 64) -> torch.Tensor:
+def reference_logprobs(ref: nn.Module, pairs: list[prefs.Pair], pad_id: int, batch_size: int = 64,
+                       logprobs_fn=completion_logprobs) -> torch.Tensor:
     """[N, 2]: log ref(chosen) and log ref(rejected) of each pair, summed over the completion tokens.
 
     The frozen reference, run once in eval mode without gradients (its mode is restored after).
     Index it like the pairs: ``ref_logprobs[i]`` belongs to ``pairs[i]`` (see ``collate``).
-    Any model's pair log-probs are computed the same way (``implicit_rewards`` uses it too).
+    Any model's pair log-probs are computed the same way (``implicit_rewards`` uses it too), by
+    ``logprobs_fn(model, pair_batch)`` (default ``completion_logprobs``; lesson 10 passes its pick).
     """
     if not pairs:
         raise ValueError("reference_logprobs needs at least one pair")
@@ -70,7 +79,7 @@ def reference_logprobs(ref: nn.Module, pairs: list[prefs.Pair], pad_id: int, bat
     try:
         for start in range(0, len(pairs), batch_size):
             batch = prefs.collate_pairs(pairs[start:start + batch_size], pad_id).to(device)
-            logprobs = completion_logprobs(ref, batch).float().cpu()
+            logprobs = logprobs_fn(ref, batch).float().cpu()
             B = batch.n_pairs
             out.append(torch.stack([logprobs[:B], logprobs[B:]], dim=1))
     finally:
@@ -115,19 +124,20 @@ def make_loss_fn(cfg: DPOConfig):
 
 @torch.no_grad()
 def implicit_rewards(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, cfg: DPOConfig,
-                     pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """[N, 2]: beta * (log pi - log ref) of each pair's chosen and rejected completion (model in eval mode)."""
+                     pad_id: int, batch_size: int = 64, logprobs_fn=completion_logprobs) -> torch.Tensor:
+    """[N, 2]: beta * (log pi - log ref) of each pair's chosen and rejected completion (model in eval mode),
+    log pi by ``logprobs_fn`` (as in ``reference_logprobs``)."""
     if not pairs:
         raise ValueError("no pairs to measure")
     if len(ref_logprobs) != len(pairs):
         raise ValueError(f"{len(ref_logprobs)} rows of reference log-probs for {len(pairs)} pairs: pass "
                          "reference_logprobs(ref, pairs, ...) of these very pairs")
-    return cfg.beta * (reference_logprobs(model, pairs, pad_id, batch_size) - ref_logprobs)
+    return cfg.beta * (reference_logprobs(model, pairs, pad_id, batch_size, logprobs_fn) - ref_logprobs)
 
 
 def implicit_reward_accuracy(model: nn.Module, pairs: list[prefs.Pair], ref_logprobs: torch.Tensor, cfg: DPOConfig,
-                             pad_id: int, batch_size: int = 64) -> float:
+                             pad_id: int, batch_size: int = 64, logprobs_fn=completion_logprobs) -> float:
     """The share of ``pairs`` whose chosen completion has the higher implicit reward (ties count as wrong,
     so the reference itself scores 0, as ``reward.pair_accuracy`` counts an untrained reward model)."""
-    rewards = implicit_rewards(model, pairs, ref_logprobs, cfg, pad_id, batch_size)
+    rewards = implicit_rewards(model, pairs, ref_logprobs, cfg, pad_id, batch_size, logprobs_fn)
     return (rewards[:, 0] > rewards[:, 1]).float().mean().item()
