@@ -119,6 +119,14 @@ def update(trainer, groups: Groups, cfg: GRPOConfig, generator: torch.Generator 
     return train.minibatch_steps(trainer, groups, make_loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
 
 
+def step(trainer, ref: nn.Module, prompts: list[list[int]], reward_fn, cfg: GRPOConfig, end_id: int, pad_id: int,
+         generator: torch.Generator | None = None) -> tuple[Groups, list[dict]]:
+    """One GRPO step on ``trainer.model``: its groups (``rollout``), then its update; returns (the groups,
+    one ``trainer.step`` result per optimizer step). ``run``'s default ``step``."""
+    groups = rollout(trainer.model, ref, prompts, reward_fn, cfg, end_id, pad_id, generator)
+    return groups, update(trainer, groups, cfg, generator)
+
+
 @torch.no_grad()
 def health(groups: Groups, group_size: int) -> dict[str, float]:
     """The signals to watch: mean reward, share of groups whose rewards are all equal (no signal),
@@ -133,7 +141,7 @@ def health(groups: Groups, group_size: int) -> dict[str, float]:
 
 def run(policy: nn.Module, ref: nn.Module, draw, cfg: GRPOConfig, steps: int, end_id: int, pad_id: int,
         seed: int = 0, evaluate=None, eval_every: int = 0,
-        desc: str = "GRPO") -> tuple[nn.Module, list[dict]]:
+        desc: str = "GRPO", step=step) -> tuple[nn.Module, list[dict]]:
     """GRPO on a copy of ``policy``: ``steps`` steps, each on ``draw(rng, n)`` -> (``n`` prompts, their
     ``reward_fn``), drawn with random.Random(seed); one AdamW (``cfg.lr`` after a linear warmup of
     ``cfg.warmup_steps`` optimizer steps, then constant; gradient clipping 1). Adam's first steps move every
@@ -143,20 +151,21 @@ def run(policy: nn.Module, ref: nn.Module, draw, cfg: GRPOConfig, steps: int, en
     Returns (the trained policy in eval mode, one dict per step: ``health`` before the update, the
     update's mean ``clip_fraction``, and every ``eval_every`` steps, from step 0, ``evaluate(model)``'s
     entries for the model the step starts from: evaluate the returned policy for the end of the run).
+    ``step(trainer, ref, prompts, reward_fn, cfg, end_id, pad_id, generator) -> (groups, results)`` takes
+    each step (lesson 11's exercise 11.grpo_step); ``clip_fraction`` is logged when its results have one.
     """
     torch.manual_seed(seed)
     model = copy.deepcopy(policy)
     trainer = train.Trainer(model, cfg.train_config(steps))
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     log = []
-    for step in progress(range(steps), desc=desc):
+    for i in progress(range(steps), desc=desc):
         prompts, reward_fn = draw(rng, cfg.prompts_per_step)
-        groups = rollout(model, ref, prompts, reward_fn, cfg, end_id, pad_id, generator)
-        signals = health(groups, cfg.group_size)
-        if evaluate is not None and eval_every and step % eval_every == 0:
-            signals.update(evaluate(model))   # the model this step starts from
-        results = update(trainer, groups, cfg, generator)
-        signals["clip_fraction"] = torch.stack([r["clip_fraction"] for r in results]).mean().item()
+        evaluated = evaluate(model.eval()) if evaluate is not None and eval_every and i % eval_every == 0 else {}
+        groups, results = step(trainer, ref, prompts, reward_fn, cfg, end_id, pad_id, generator)
+        signals = {**health(groups, cfg.group_size), **evaluated}   # evaluated: the model this step started from
+        if all("clip_fraction" in r for r in results):
+            signals["clip_fraction"] = torch.stack([r["clip_fraction"] for r in results]).mean().item()
         log.append(signals)
     return model.eval(), log
 
