@@ -51,12 +51,6 @@ def test_the_instructor_step_passes(own_pieces):
     grpo_checks.check_grpo_step(instructor_step(own_pieces))
 
 
-def test_nblib_step_passes_its_own_check():
-    def step(*args):
-        return grpo.step(*args)
-    grpo_checks.check_grpo_step(step)
-
-
 def test_run_with_the_instructor_step_is_the_same_run():
     """grpo.run(..., step=...) with the learner's step (right) trains the same weights and logs the same signals."""
     torch.manual_seed(3)
@@ -151,3 +145,10 @@ def test_a_step_that_trains_the_reference_is_named():
         return right(trainer, ref, *args)
     with pytest.raises(CheckFailed, match="the reference model changed"):
         grpo_checks.check_grpo_step(trains_the_reference)
+
+
+def test_a_step_that_calls_the_courses_step_is_refused():
+    def shortcut(trainer, ref, prompts, reward_fn, cfg, end_id, pad_id, generator):
+        return grpo.step(trainer, ref, prompts, reward_fn, cfg, end_id, pad_id, generator)
+    with pytest.raises(CheckFailed, match="called nblib.grpo.step, the course's own step"):
+        grpo_checks.check_grpo_step(shortcut)
