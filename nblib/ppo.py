@@ -22,6 +22,7 @@ must compare the distribution the tokens were sampled from.
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from dataclasses import dataclass
 
@@ -96,12 +97,25 @@ def checked_scores(scores, n: int) -> torch.Tensor:
     return scores.float()
 
 
+def kl_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+               kl_coef: float) -> torch.Tensor:
+    """[N, T] per-token rewards: -kl_coef * (logprobs - ref_logprobs) on every reply token (``mask``), plus
+    each reply's score [N] on its last token; 0 outside the mask (lesson 09's exercise 09.kl_rewards)."""
+    rewards = -kl_coef * rl.kl_estimate(logprobs, ref_logprobs, "k1", mask=mask)
+    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
+    last = last_token_index(mask)
+    rewards[torch.arange(len(last)), last] += scores
+    return rewards
+
+
 @torch.no_grad()
 def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]], cfg: PPOConfig, end_id: int,
-            pad_id: int, generator: torch.Generator | None = None) -> Experience:
+            pad_id: int, generator: torch.Generator | None = None, kl_rewards_fn=kl_rewards,
+            gae_fn=rl.gae) -> Experience:
     """Sample, score and price one batch of completions (steps 1-3 above).
 
     ``score_fn(ids, attention_mask, last) -> [N]`` scores whole sequences (the reward model).
+    ``kl_rewards_fn`` (as ``kl_rewards``) and ``gae_fn`` (as ``rl.gae``) may be a learner's.
     """
     ac.eval()
     out = engine.generate(ac.policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
@@ -113,35 +127,51 @@ def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]],
     _, logprobs = engine.sequence_logprobs(ac.policy, ids, mask, attn)
     _, ref_logprobs = engine.sequence_logprobs(ref, ids, mask, attn)
     values = token_values(ac.value, ids, attn)
-    last = last_token_index(mask)
-    scores = checked_scores(score_fn(ids, attn, last), len(ids))
+    scores = checked_scores(score_fn(ids, attn, last_token_index(mask)), len(ids))
     if cfg.no_end_penalty is not None:
         scores = torch.where(out.finished, scores, torch.full_like(scores, cfg.no_end_penalty))
-    rewards = -cfg.kl_coef * rl.kl_estimate(logprobs, ref_logprobs, "k1", mask=mask)
-    rewards = torch.where(mask, rewards, torch.zeros_like(rewards))
-    rewards[torch.arange(len(last)), last] += scores
-    advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    rewards = kl_rewards_fn(logprobs, ref_logprobs, scores, mask, cfg.kl_coef)
+    advantages, returns = gae_fn(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
     return Experience(ids, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, scores,
                       out.finished)
 
 
-def make_loss_fn(cfg: PPOConfig):
-    """PPO's ``loss_fn(ac, experience_minibatch) -> (loss, metrics)`` for ``nblib.train.Trainer.step``."""
-    def ppo_loss(ac: ActorCritic, exp: Experience):
-        _, logprobs = engine.sequence_logprobs(ac.policy, exp.ids, exp.mask, exp.attention_mask)
-        pg_loss, pg_metrics = rl.ppo_policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, cfg.clip)
-        values = token_values(ac.value, exp.ids, exp.attention_mask)
-        v_loss, v_metrics = rl.value_loss(values, exp.values, exp.returns, exp.mask, cfg.value_clip)
-        return pg_loss + cfg.vf_coef * v_loss, {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(),
-                                                **pg_metrics, **v_metrics}
-    return ppo_loss
+def ppo_loss(ac: ActorCritic, exp: Experience, cfg: PPOConfig):
+    """PPO's loss on one minibatch: the clipped policy loss on the (already whitened) advantages plus
+    ``cfg.vf_coef`` times the clipped value loss; returns (loss, metrics) (lesson 09's exercise 09.ppo_loss)."""
+    _, logprobs = engine.sequence_logprobs(ac.policy, exp.ids, exp.mask, exp.attention_mask)
+    policy = rl.ppo_policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, cfg.clip)
+    values = token_values(ac.value, exp.ids, exp.attention_mask)
+    value = rl.value_loss(values, exp.values, exp.returns, exp.mask, cfg.value_clip)
+    return policy[0] + cfg.vf_coef * value[0], _loss_metrics(policy, value)
 
 
-def update(trainer, exp: Experience, cfg: PPOConfig, generator: torch.Generator | None = None) -> list[dict]:
+def _loss_metrics(policy, value) -> dict:
+    """(policy loss, its metrics) and (value loss, its metrics) as one dict of detached tensors."""
+    (pg_loss, pg_metrics), (v_loss, v_metrics) = policy, value
+    return {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), **pg_metrics, **v_metrics}
+
+
+@torch.no_grad()
+def update_metrics(logprobs: torch.Tensor, values: torch.Tensor, exp: Experience, cfg: PPOConfig) -> dict:
+    """``ppo_loss``'s metrics (policy and value loss, clip fraction, approx KL, ...) from a minibatch's
+    log-probs and values: for a learner's loss, whichever way it computed its loss."""
+    return _loss_metrics(rl.ppo_policy_loss(logprobs, exp.logprobs, exp.advantages, exp.mask, cfg.clip),
+                         rl.value_loss(values, exp.values, exp.returns, exp.mask, cfg.value_clip))
+
+
+def make_loss_fn(cfg: PPOConfig, loss=ppo_loss):
+    """PPO's ``loss_fn(ac, experience_minibatch) -> (loss, metrics)`` for ``nblib.train.Trainer.step``;
+    ``loss(ac, exp, cfg)`` (as ``ppo_loss``) may be a learner's."""
+    return functools.partial(loss, cfg=cfg)
+
+
+def update(trainer, exp: Experience, cfg: PPOConfig, generator: torch.Generator | None = None,
+           loss=ppo_loss) -> list[dict]:
     """``cfg.epochs`` passes over ``exp`` in ``cfg.minibatches`` shuffled minibatches, one trainer step each."""
-    return train.minibatch_steps(trainer, exp, make_loss_fn(cfg), cfg.epochs, cfg.minibatches, generator)
+    return train.minibatch_steps(trainer, exp, make_loss_fn(cfg, loss), cfg.epochs, cfg.minibatches, generator)
 
 
 @torch.no_grad()
@@ -163,15 +193,16 @@ def mean_entropy(model: nn.Module, exp: Experience) -> float:
 
 
 def run(policy: nn.Module, reward_model: nn.Module, ref: nn.Module, prompts: list[list[int]], cfg: PPOConfig,
-        iters: int, end_id: int, pad_id: int, seed: int = 0, extra=None,
-        desc: str = "PPO") -> tuple[nn.Module, list[dict]]:
+        iters: int, end_id: int, pad_id: int, seed: int = 0, extra=None, desc: str = "PPO",
+        kl_rewards_fn=kl_rewards, gae_fn=rl.gae, loss=ppo_loss, update_fn=update) -> tuple[nn.Module, list[dict]]:
     """PPO from copies of ``policy`` and ``reward_model`` (the value model starts as the reward model,
     which also scores the replies): ``iters`` iterations of ``cfg.prompts_per_iter`` prompts drawn with
     random.Random(seed), one AdamW (constant ``cfg.lr``, gradient clipping 1) for policy and value model.
 
     Returns (the trained policy in eval mode, one dict per iteration): ``health`` before the update,
     ``extra(exp)``'s entries (e.g. a true score), ``entropy``, and the update's mean ``clip_fraction``,
-    ``approx_kl`` and ``value_loss``.
+    ``approx_kl`` and ``value_loss``. ``kl_rewards_fn``, ``gae_fn`` (for ``rollout``), ``loss`` and ``update_fn``
+    (``update(trainer, exp, cfg, generator, loss)``) are nblib's unless a learner's are passed (lesson 09).
     """
     torch.manual_seed(seed)
     ac = ActorCritic(copy.deepcopy(policy), copy.deepcopy(reward_model))
@@ -184,11 +215,11 @@ def run(policy: nn.Module, reward_model: nn.Module, ref: nn.Module, prompts: lis
     log = []
     for _ in progress(range(iters), desc=desc):
         exp = rollout(ac, ref, score_fn, [draw.choice(prompts) for _ in range(cfg.prompts_per_iter)], cfg, end_id,
-                      pad_id, generator)
+                      pad_id, generator, kl_rewards_fn, gae_fn)
         signals = health(exp)
         signals.update(extra(exp) if extra is not None else {})
         signals["entropy"] = mean_entropy(ac.policy, exp)
-        results = update(trainer, exp, cfg, generator)
+        results = update_fn(trainer, exp, cfg, generator, loss)
         for name in ("clip_fraction", "approx_kl", "value_loss"):
             signals[name] = torch.stack([r[name] for r in results]).mean().item()
         log.append(signals)

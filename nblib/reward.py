@@ -16,6 +16,7 @@ copy of the language model trained with ``nblib.train`` on random pairs.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,18 @@ class ScalarHead(nn.Module):
         return self(ids, attention_mask).gather(1, last[:, None]).squeeze(1)
 
 
-def loss_fn(model: ScalarHead, batch: prefs.PairBatch):
-    """The Bradley-Terry loss on a ``PairBatch`` for ``nblib.train``: ``(loss, metrics)``."""
+def loss_fn(model: ScalarHead, batch: prefs.PairBatch, bradley_terry=rl.bradley_terry_loss):
+    """The Bradley-Terry loss on a ``PairBatch`` for ``nblib.train``: ``(loss, metrics)``.
+
+    ``bradley_terry(r_chosen, r_rejected)`` (as ``rl.bradley_terry_loss``) may be a learner's that returns
+    the loss alone: the metrics (pair accuracy, margin) are then ``rl.bradley_terry_loss``'s."""
     batch = batch.to(next(model.parameters()).device)
     scores = model.score(batch.ids, batch.last)
     B = batch.n_pairs
-    return rl.bradley_terry_loss(scores[:B], scores[B:])
+    out = bradley_terry(scores[:B], scores[B:])
+    if torch.is_tensor(out):  # the loss alone: the training curves still need the accuracy
+        out = out, rl.bradley_terry_loss(scores[:B].detach(), scores[B:].detach())[1]
+    return out
 
 
 @torch.no_grad()
@@ -112,12 +119,13 @@ class RewardConfig:
 
 
 def train_reward_model(lm: nn.Module, train_pairs: list[prefs.Pair], val_pairs: list[prefs.Pair], pad_id: int,
-                       cfg: RewardConfig = RewardConfig(), seed: int = 0,
-                       show_progress: bool = True) -> tuple[ScalarHead, train.History]:
-    """A ``ScalarHead`` on a copy of ``lm``, trained with the Bradley-Terry loss by ``cfg``'s recipe;
-    returns (the model in eval mode, its History)."""
+                       cfg: RewardConfig = RewardConfig(), seed: int = 0, show_progress: bool = True,
+                       bradley_terry=rl.bradley_terry_loss) -> tuple[ScalarHead, train.History]:
+    """A ``ScalarHead`` on a copy of ``lm``, trained with the Bradley-Terry loss (``bradley_terry``: nblib's,
+    or a learner's) by ``cfg``'s recipe; returns (the model in eval mode, its History)."""
     model = ScalarHead(copy.deepcopy(lm))
     history = train.train(model, None, None, cfg.train_config(seed),
                           get_batch=pair_batches(train_pairs, val_pairs, cfg.batch_size, pad_id),
-                          loss_fn=loss_fn, show_progress=show_progress)
+                          loss_fn=functools.partial(loss_fn, bradley_terry=bradley_terry),
+                          show_progress=show_progress)
     return model.eval(), history
