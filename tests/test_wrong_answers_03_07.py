@@ -6,6 +6,7 @@ A wrong answer is the instructor's solution with one slip, so that the slip is a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -358,3 +359,51 @@ def test_wrong_answer_fails_its_check_naming_the_mistake(check, answer, message)
 def test_course_answer_passes_its_check(check, answer, capsys):
     check(*answer)
     assert "passed" in capsys.readouterr().out
+
+
+# ---- cases the hidden tests had and the visible checks did not ------------------------------
+(bytes_to_unicode,) = instructor("04", "04.bytes_to_unicode", ("bytes_to_unicode",))
+(kv_cache_update,) = instructor("07", "07.kv_cache", ("kv_cache_update",))
+_GROWING = []
+
+
+def bytes_to_unicode_with_a_global():
+    """The right table, built into a list that lives between calls (the second call's is another table)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    _GROWING.extend(printable)
+    chars = list(_GROWING)
+    n = 0
+    for b in range(256):
+        if b not in _GROWING:
+            _GROWING.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(_GROWING, map(chr, chars)))
+
+
+def top_p_keeping_ties(logits, p):
+    """The nucleus boundary found, then every logit at least as large as the boundary's kept: ties all go in."""
+    kept = top_p_filter(logits, p)
+    boundary = kept.masked_fill(~kept.isfinite(), float("inf")).min(dim=-1, keepdim=True).values
+    return logits.masked_fill(logits < boundary, float("-inf"))
+
+
+class BlockWithBiasesAlways(Block):
+    """GPT-2's block that ignores config.bias."""
+
+    def __init__(self, config):
+        super().__init__(dataclasses.replace(config, bias=True))
+
+
+SLIPS += [
+    slip("04.bytes_to_unicode: state between calls", tokenizer_checks.check_bytes_to_unicode,
+         "gave another table the second time", bytes_to_unicode_with_a_global),
+    slip("06.top_p_filter: ties by value", gpt2_checks.check_top_p, r"four equal logits, 0.4\): kept 4 tokens, expected 2",
+         top_p_keeping_ties),
+    slip("06.block: biases whatever the config", gpt2_checks.check_block, "bias", BlockWithBiasesAlways,
+         marks=NEEDS_TRANSFORMERS),
+    slip("07.kv_cache: float32 for a float64 cache", llama_checks.check_kv_cache, "expected a pair of float64 tensors",
+         lambda ck, cv, pos, k, v: tuple(t.float() for t in kv_cache_update(ck, cv, pos, k, v))),
+]
+RIGHT += [right("04.bytes_to_unicode", tokenizer_checks.check_bytes_to_unicode, bytes_to_unicode),
+          right("07.kv_cache", llama_checks.check_kv_cache, kv_cache_update)]

@@ -108,7 +108,8 @@ def check_label_smoothing_backward(label_smoothing_backward) -> None:
     """
     cases = ((0, (4, 5), 0.1, 1.0, torch.float64), (1, (32, 27), 0.0, 1.0, torch.float64),
              (2, (9, 27), 0.3, 1.0, torch.float64),
-             (3, (5, 7), 0.2, 100.0, torch.float32))  # exp overflows there: only a stable softmax survives
+             (3, (5, 7), 0.2, 100.0, torch.float32),  # exp overflows there: only a stable softmax survives
+             (4, (1, 4), 1.0, 1.0, torch.float64))    # smoothing 1: a uniform target whatever the label; a batch of 1
     for seed, (n, v), smoothing, size, dtype in cases:
         (logits,) = _inputs(seed, (n, v), dtype=dtype)
         logits = (size * logits).requires_grad_()

@@ -71,6 +71,12 @@ def check_top_p(top_p_filter) -> None:
     if out.isnan().any() or out.isfinite().tolist() != [[True, True, False, True]]:
         raise CheckFailed(f"top_p_filter([[2, 1, -inf, 0.5]], 0.99): expected the three finite logits kept and the "
                           f"-inf left out, got {out.tolist()}")
+    # ties: four equal logits (0.25 each) at p = 0.4 keep exactly two, the fewest whose mass reaches p
+    ties = _call_top_p(top_p_filter, torch.zeros(1, 4), 0.4)
+    if int(ties.isfinite().sum()) != 2:
+        raise CheckFailed(f"top_p_filter(four equal logits, 0.4): kept {int(ties.isfinite().sum())} tokens, expected 2: "
+                          "the nucleus is the smallest set whose mass reaches p (0.25 + 0.25 >= 0.4); among equal "
+                          "logits the sort order decides which, not a comparison with the boundary's value")
     _check_top_p_large_vocab(top_p_filter)
     passed("top-p (nucleus) filtering")
 
@@ -126,6 +132,7 @@ def _check_top_p_large_vocab(top_p_filter) -> None:
 BLOCK_CONFIGS = [
     GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=4, n_embd=32),
     GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=1, n_embd=8),
+    GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=3, n_embd=12, bias=False),  # config.bias is read
 ]
 
 
@@ -177,9 +184,12 @@ def check_block(block_class) -> None:
     from nblib.gpt import Block
 
     for i, cfg in enumerate(BLOCK_CONFIGS):
-        hf = _hf_model(cfg, seed=10 + i)
-        state = _hf_block_state(hf)
         ours = Block(cfg).eval()
+        if cfg.bias:
+            state = _hf_block_state(_hf_model(cfg, seed=10 + i))
+        else:  # Hugging Face's GPT-2 always has biases: nblib's block (equal to it with them), perturbed weights
+            torch.manual_seed(10 + i)
+            state = {name: t + 0.1 * torch.randn_like(t) for name, t in Block(cfg).state_dict().items()}
         ours.load_state_dict(state)
         block = call_learner(f"{getattr(block_class, '__name__', 'block_class')}({cfg})", block_class, cfg)
         _load_strict(f"{block_class.__name__}({cfg})", block, state)
@@ -195,7 +205,7 @@ def check_block(block_class) -> None:
             no_residual = want - x
             if (got - no_residual).abs().max() < 1e-4:
                 raise CheckFailed("block(x) returned only the two branches' sum: add them to x (the residual stream)")
-        expect_close(f"block(x) with n_head={cfg.n_head}, n_embd={cfg.n_embd} (against GPT-2's block)",
+        expect_close(f"block(x) with n_head={cfg.n_head}, n_embd={cfg.n_embd}, bias={cfg.bias} (against GPT-2's block)",
                      got, want, atol=1e-5, rtol=1e-4)
     passed("GPT-2 block (pre-LayerNorm, causal attention, tanh-GELU MLP, two residual adds)")
 

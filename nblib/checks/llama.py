@@ -279,6 +279,17 @@ def check_kv_cache(kv_cache_update) -> None:
         expect_close(f"{what}: cache_v afterwards", cache_v,
                      torch.cat([all_v[:, :, :end], torch.zeros(B, H_kv, max_len - end, d)], dim=2))
         pos = end
+    # a float64 cache of one kv head (multi-query), every slot filled in one go (a prefill of the whole cache)
+    ck, cv = torch.zeros(1, 1, 5, 3, dtype=torch.float64), torch.zeros(1, 1, 5, 3, dtype=torch.float64)
+    k, v = (torch.randn(1, 1, 5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    what = "kv_cache_update(a float64 cache of 1 kv head and 5 slots, pos=0, k and v of all 5 tokens)"
+    got = call_learner(what, kv_cache_update, ck, cv, 0, k, v)
+    if not (isinstance(got, (tuple, list)) and len(got) == 2) or got[0].dtype != torch.float64:
+        raise CheckFailed(f"{what}: expected a pair of float64 tensors (the cache's dtype), got "
+                          f"{[getattr(t, 'dtype', type(t).__name__) for t in got] if isinstance(got, (tuple, list)) else got}")
+    expect_close(f"{what}: the keys returned", got[0], k, atol=0, rtol=0)
+    expect_close(f"{what}: the values returned", got[1], v, atol=0, rtol=0)
+    expect_close(f"{what}: cache_k afterwards (every slot written)", ck, k, atol=0, rtol=0)
     # in a model: the sequence in pieces with the cache gives the logits of one full pass
     torch.manual_seed(2)
     config = llama.LlamaConfig(vocab_size=29, block_size=24, n_layer=2, n_head=4, n_kv_heads=2, n_embd=32)

@@ -195,4 +195,8 @@ def check_bytes_to_unicode(bytes_to_unicode) -> None:
                 f"bytes_to_unicode()[{b}] (byte {bytes([b])!r}): expected {expected[b]!r} (U+{ord(expected[b]):04X}), "
                 f"got {got[b]!r}" + (f" (U+{ord(got[b]):04X})" if isinstance(got[b], str) and len(got[b]) == 1 else "")
             )
+    again = _call("bytes_to_unicode() a second time", bytes_to_unicode)
+    if again != expected:
+        raise CheckFailed("bytes_to_unicode() gave another table the second time it was called: keep no state "
+                          "between calls (build the lists inside the function, not in a global that grows)")
     passed("bytes_to_unicode")
