@@ -190,6 +190,15 @@ def read_text(name: str) -> str:
     return path(name).read_text(encoding="utf-8")
 
 
+def shown(path: str | Path) -> str:
+    """``path`` for a printed line, so that a recorded lesson names no one's machine: a file of the
+    installed package as ``nblib/...``, one under the home folder as ``~/...``, any other as it is."""
+    path, package, home = Path(path), Path(__file__).resolve().parent, Path.home()
+    if path.is_relative_to(package):
+        return f"nblib/{path.relative_to(package)}"
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+
+
 def availability() -> dict[str, str]:
     """Where each data set would come from right now, without downloading anything."""
     mirror = os.environ.get(DATA_DIR_ENV)
@@ -199,9 +208,9 @@ def availability() -> dict[str, str]:
         if mirror and (Path(mirror) / entry.filename).exists():
             report[name] = f"local folder {mirror}"
         elif packaged is not None and packaged.exists():
-            report[name] = f"packaged with nblib ({PACKAGED_DIR})"
+            report[name] = f"packaged with nblib ({shown(PACKAGED_DIR)})"
         elif (cache_dir() / entry.filename).exists():
-            report[name] = f"cache {cache_dir()}"
+            report[name] = f"cache {shown(cache_dir())}"
         elif is_offline():
             report[name] = f"MISSING: offline; set {DATA_DIR_ENV} to a folder holding {entry.filename}"
         else:

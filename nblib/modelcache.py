@@ -34,10 +34,7 @@ def models_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else data.cache_dir() / "models"
 
 
-def shown(path: Path) -> str:
-    """``path`` for a printed line: the home folder written ``~``, so a recorded lesson names no one's machine."""
-    home = Path.home()
-    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
+shown = data.shown  # a path for a printed line, naming no one's machine
 
 
 def load_or_build(path: Path, load: Callable[[Path], T], build: Callable[[], T], save: Callable[[T, Path], None],

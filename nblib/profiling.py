@@ -22,6 +22,7 @@ import datetime
 import json
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -349,13 +350,18 @@ def run_rung(settings: dict, config: llama.LlamaConfig, ids: torch.Tensor, devic
         torch.set_float32_matmul_precision(old_precision)
 
 
+@contextlib.contextmanager
 def _no_compile_cache():
     """Inductor without its on-disk caches (a private switch; a no-op where it is missing)."""
     try:
         import torch._inductor.config as inductor_config
-        return inductor_config.patch(force_disable_caches=True)
+        switch = inductor_config.patch(force_disable_caches=True)
     except (ImportError, AttributeError, RuntimeError):
-        return contextlib.nullcontext()
+        switch = contextlib.nullcontext()
+    with switch, warnings.catch_warnings():
+        # torch then warns that its profile-guided compile cache is off: here that is the point
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+        yield
 
 
 def run_ladder(rungs: list[Rung], config: llama.LlamaConfig, ids: torch.Tensor, device, n_steps: int,
