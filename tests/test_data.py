@@ -231,3 +231,13 @@ def test_availability_reports_without_downloading(sandbox, monkeypatch):
     (cache / "corpus.txt").write_bytes(CORPUS_BYTES)
     assert data.availability()["corpus"].startswith("cache")
     assert not list(Path(mirror).glob("corpus*"))
+
+
+def test_printed_paths_name_no_machine(monkeypatch, tmp_path):
+    # a recorded lesson prints packaged files as nblib/... and the home folder as ~
+    assert data.shown(data.PACKAGED_DIR / "names.txt") == "nblib/datafiles/names.txt"
+    monkeypatch.setattr(data.Path, "home", classmethod(lambda cls: tmp_path))
+    assert data.shown(tmp_path / ".cache" / "nblib") == "~/.cache/nblib"
+    assert data.shown("/elsewhere/x") == "/elsewhere/x"
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    assert data.availability()["names"] == "packaged with nblib (nblib/datafiles)"
