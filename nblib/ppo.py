@@ -111,11 +111,12 @@ def kl_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch
 @torch.no_grad()
 def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]], cfg: PPOConfig, end_id: int,
             pad_id: int, generator: torch.Generator | None = None, kl_rewards_fn=kl_rewards,
-            gae_fn=rl.gae) -> Experience:
+            gae_fn=rl.gae, whiten_fn=rl.masked_whiten) -> Experience:
     """Sample, score and price one batch of completions (steps 1-3 above).
 
     ``score_fn(ids, attention_mask, last) -> [N]`` scores whole sequences (the reward model).
-    ``kl_rewards_fn`` (as ``kl_rewards``) and ``gae_fn`` (as ``rl.gae``) may be a learner's.
+    ``kl_rewards_fn`` (as ``kl_rewards``), ``gae_fn`` (as ``rl.gae``) and ``whiten_fn`` (as
+    ``rl.masked_whiten``) may be a learner's.
     """
     ac.eval()
     out = engine.generate(ac.policy, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
@@ -133,7 +134,7 @@ def rollout(ac: ActorCritic, ref: nn.Module, score_fn, prompts: list[list[int]],
     rewards = kl_rewards_fn(logprobs, ref_logprobs, scores, mask, cfg.kl_coef)
     advantages, returns = gae_fn(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = rl.masked_whiten(advantages, mask)
+        advantages = whiten_fn(advantages, mask)
     return Experience(ids, attn, mask, logprobs, ref_logprobs, values, rewards, advantages, returns, scores,
                       out.finished)
 
@@ -194,14 +195,15 @@ def mean_entropy(model: nn.Module, exp: Experience) -> float:
 
 def run(policy: nn.Module, reward_model: nn.Module, ref: nn.Module, prompts: list[list[int]], cfg: PPOConfig,
         iters: int, end_id: int, pad_id: int, seed: int = 0, extra=None, desc: str = "PPO",
-        kl_rewards_fn=kl_rewards, gae_fn=rl.gae, loss=ppo_loss, update_fn=update) -> tuple[nn.Module, list[dict]]:
+        kl_rewards_fn=kl_rewards, gae_fn=rl.gae, loss=ppo_loss, update_fn=update,
+        whiten_fn=rl.masked_whiten) -> tuple[nn.Module, list[dict]]:
     """PPO from copies of ``policy`` and ``reward_model`` (the value model starts as the reward model,
     which also scores the replies): ``iters`` iterations of ``cfg.prompts_per_iter`` prompts drawn with
     random.Random(seed), one AdamW (constant ``cfg.lr``, gradient clipping 1) for policy and value model.
 
     Returns (the trained policy in eval mode, one dict per iteration): ``health`` before the update,
     ``extra(exp)``'s entries (e.g. a true score), ``entropy``, and the update's mean ``clip_fraction``,
-    ``approx_kl`` and ``value_loss``. ``kl_rewards_fn``, ``gae_fn`` (for ``rollout``), ``loss`` and ``update_fn``
+    ``approx_kl`` and ``value_loss``. ``kl_rewards_fn``, ``gae_fn``, ``whiten_fn`` (for ``rollout``), ``loss`` and ``update_fn``
     (``update(trainer, exp, cfg, generator, loss)``) are nblib's unless a learner's are passed (lesson 09).
     """
     torch.manual_seed(seed)
@@ -215,7 +217,7 @@ def run(policy: nn.Module, reward_model: nn.Module, ref: nn.Module, prompts: lis
     log = []
     for _ in progress(range(iters), desc=desc):
         exp = rollout(ac, ref, score_fn, [draw.choice(prompts) for _ in range(cfg.prompts_per_iter)], cfg, end_id,
-                      pad_id, generator, kl_rewards_fn, gae_fn)
+                      pad_id, generator, kl_rewards_fn, gae_fn, whiten_fn)
         signals = health(exp)
         signals.update(extra(exp) if extra is not None else {})
         signals["entropy"] = mean_entropy(ac.policy, exp)

@@ -48,10 +48,11 @@ def test_instructor_solutions_and_nblib_pass(capsys):
     run_cell("kl_rewards")
     run_cell("ppo_loss")
     run_cell("ppo_update")
+    run_cell("whiten")
     ppo_checks.check_kl_rewards(lambda *args: ppo.kl_rewards(*args))   # the course's, wrapped
     ppo_checks.check_ppo_loss(lambda *args: ppo.ppo_loss(*args))
     ppo_checks.check_ppo_update(lambda *args: ppo.update(*args))
-    assert capsys.readouterr().out.count("passed") == 6
+    assert capsys.readouterr().out.count("passed") == 7
 
 
 def test_the_course_functions_and_stubs_are_refused():
@@ -241,7 +242,7 @@ def test_the_solutions_run_ppo_exactly_as_nblib():
     """The lesson's runs on the instructor solutions equal nblib's to the bit: the recorded numbers stay valid."""
     namespace = run_cell("ppo_clip")
     namespace["policy_loss_fn"] = namespace["ppo_policy_loss"]   # ppo_loss on the solution's clipped policy loss
-    for name in ("kl_rewards", "gae", "ppo_loss", "ppo_update"):
+    for name in ("kl_rewards", "gae", "whiten", "ppo_loss", "ppo_update"):
         exec(exercise_cell(name), namespace)
     policy = tiny_lm()
     rm = reward.ScalarHead(copy.deepcopy(policy)).eval()
@@ -251,5 +252,45 @@ def test_the_solutions_run_ppo_exactly_as_nblib():
     _, ours = ppo.run(policy, rm, tiny_lm(1), prompts, cfg, 2, TOK.end_id, TOK.pad_id)
     _, yours = ppo.run(policy, rm, tiny_lm(1), prompts, cfg, 2, TOK.end_id, TOK.pad_id,
                        kl_rewards_fn=namespace["kl_rewards"], gae_fn=namespace["gae"], loss=namespace["ppo_loss"],
-                       update_fn=namespace["ppo_update"])
+                       update_fn=namespace["ppo_update"], whiten_fn=namespace["whiten"])
     assert yours == ours
+
+
+def _whiten(x, mask, eps=1e-8, correction=0, over_all=False, per_row=False, divide=True, centre=True, zero=True,
+            in_place=False):
+    """09.whiten with at most one planted mistake."""
+    keep = torch.ones_like(mask) if over_all else mask
+    n = keep.sum()
+    if over_all:
+        x = torch.where(mask, x, 0)
+    mean = (torch.where(keep, x, 0).sum(1, keepdim=True) / keep.sum(1, keepdim=True) if per_row
+            else torch.where(keep, x, 0).sum() / n)
+    var = torch.where(keep, (x - torch.where(keep, x, 0).sum() / n) ** 2, 0).sum() / (n - correction)
+    white = (x - mean) if centre else x
+    if divide:
+        white = white * torch.rsqrt(var + eps)
+    if in_place:
+        x.copy_(torch.where(mask, white, 0))
+    return torch.where(mask, white, 0) if zero else white
+
+
+@pytest.mark.parametrize("mistake, message", [
+    (dict(correction=1), "divides by the count minus 1"),
+    (dict(over_all=True), "count the padding"),
+    (dict(per_row=True), "the mean is per reply"),
+    (dict(divide=False), "not divided by the standard deviation"),
+    (dict(centre=False), "the mean is not taken off"),
+    (dict(zero=False), "nan or inf outside the mask"),
+    (dict(eps=0.0), "add eps"),
+    (dict(in_place=True), "changed its input in place"),
+])
+def test_whiten_mistakes_are_named(mistake, message):
+    with pytest.raises(CheckFailed, match=message):
+        ppo_checks.check_whiten(lambda x, mask: _whiten(x, mask, **mistake))
+
+
+def test_the_right_whitening_passes_and_the_courses_is_refused(capsys):
+    ppo_checks.check_whiten(lambda x, mask: _whiten(x, mask))
+    assert "whiten: passed" in capsys.readouterr().out
+    with pytest.raises(CheckFailed, match="course's own implementation"):
+        ppo_checks.check_whiten(rl.masked_whiten)

@@ -1,4 +1,5 @@
 """Checks for lesson 09's PPO pieces: the per-token rewards of a rollout (``check_kl_rewards``), the
+advantages whitened over the batch (``check_whiten``), the
 loss of one minibatch step (``check_ppo_loss``) and the update over one rollout (``check_ppo_update``).
 
 Each runs the learner's function on a small seeded case, compares with ``nblib.ppo`` and, when the
@@ -23,6 +24,66 @@ def _name_the_mistake(what: str, got: torch.Tensor, want: torch.Tensor, mistakes
     if named is not None and not _close(got, want):
         raise CheckFailed(f"{what}: {named}")
     expect_close(what, got, want, atol=ATOL, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------- whitening
+
+
+def _whiten_cases():
+    """Advantages on replies of different lengths (nan outside the mask, where a rollout leaves anything), in
+    float32 and float64; and advantages that are all equal (variance 0: only eps keeps the result finite)."""
+    g = torch.Generator().manual_seed(4)
+    mask = _masks()
+    mask[3, 6] = False
+    x = 3.0 + 2.0 * torch.randn(mask.shape, generator=g)
+    yield "float32 advantages, nan outside the mask", x.masked_fill(~mask, float("nan")), mask
+    yield "float64 advantages around 100", (100 + torch.randn(mask.shape, generator=g, dtype=torch.float64)), mask
+    yield "advantages all equal to 2 (variance 0)", torch.full(mask.shape, 2.0), mask
+
+
+def check_whiten(whiten) -> None:
+    """``whiten(x [N, T], mask [N, T]) -> [N, T]``: (x - mean) / sqrt(var + 1e-8) over the masked entries of the
+    whole batch (population variance), 0 outside the mask, as ``nblib.rl.masked_whiten``."""
+    for what, x, mask in _whiten_cases():
+        given = {"x": x.clone(), "mask": mask.clone()}
+        got = call_learner(f"whiten ({what})", whiten, *given.values())
+        if not (torch.allclose(given["x"], x, rtol=0, atol=0, equal_nan=True) and torch.equal(given["mask"], mask)):
+            raise CheckFailed(f"whiten ({what}) changed its input in place: the rollout keeps its advantages; "
+                              "compute a new tensor")
+        if not torch.is_tensor(got) or got.shape != x.shape:
+            raise CheckFailed(f"whiten ({what}): expected a tensor of shape {tuple(x.shape)}, got "
+                              f"{tuple(got.shape) if torch.is_tensor(got) else type(got).__name__}")
+        if got.dtype != x.dtype:
+            raise CheckFailed(f"whiten ({what}): the advantages are {x.dtype}, the result {got.dtype}: keep their dtype")
+        if not torch.isfinite(got).all():
+            where = "outside the mask" if torch.isfinite(got[mask]).all() else "on the mask"
+            hint = ("0 outside the mask: torch.where(mask, white, 0), so that nothing there (nan included) "
+                    "reaches the loss" if where == "outside the mask" else
+                    "add eps (1e-8) to the variance before the square root: all-equal advantages have variance 0")
+            raise CheckFailed(f"whiten ({what}): the result holds nan or inf {where}: {hint}")
+        want = rl.masked_whiten(x, mask)
+        n = mask.sum()
+        zeroed = torch.where(mask, x, 0)
+        mean = zeroed.sum() / n
+        centred = torch.where(mask, x - mean, 0)
+        var_pop, var_unbiased = (centred ** 2).sum() / n, (centred ** 2).sum() / (n - 1)
+        everything = (zeroed - zeroed.mean()) * torch.rsqrt(zeroed.var(correction=0) + 1e-8)
+        per_row_mean = torch.where(mask, x, 0).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
+        mistakes = [
+            (torch.where(mask, centred * torch.rsqrt(var_unbiased + 1e-8), 0),
+             "the variance divides by the count minus 1; whitening uses the population variance: divide by the "
+             "number of masked entries"),
+            (torch.where(mask, everything, 0), "the mean and variance count the padding (as zeros): take them over "
+                                               "the masked entries only"),
+            (torch.where(mask, (x - per_row_mean) * torch.rsqrt(var_pop + 1e-8), 0),
+             "the mean is per reply; PPO whitens over the whole batch: one mean and one variance for every "
+             "masked entry"),
+            (torch.where(mask, centred, 0), "the advantages are centred but not divided by the standard deviation"),
+            (torch.where(mask, x * torch.rsqrt(var_pop + 1e-8), 0), "the advantages are divided by the standard "
+                                                                    "deviation but the mean is not taken off"),
+        ]
+        _name_the_mistake(f"whiten ({what})", got, want, mistakes)
+    passed("whiten")
 
 
 # ---------------------------------------------------------------------------- per-token rewards
