@@ -88,10 +88,11 @@ def test_right_answers_pass(capsys):
     assert "dpo_step: passed" in capsys.readouterr().out
 
 
-def test_the_course_step_passes_and_is_refused_as_an_answer():
-    dpo_checks.check_dpo_step(lambda cfg: lambda model, batch: dpo.make_loss_fn(cfg)(model, batch))
+def test_the_course_step_is_refused_as_an_answer():
     with pytest.raises(CheckFailed, match="course's own implementation"):
         dpo_checks.check_dpo_step(dpo.make_loss_fn)
+    with pytest.raises(CheckFailed, match="called nblib.dpo.make_loss_fn, the course's own version"):
+        dpo_checks.check_dpo_step(lambda cfg: lambda model, batch: dpo.make_loss_fn(cfg)(model, batch))
 
 
 def exercise_namespace(version):
@@ -141,3 +142,8 @@ def test_completion_logprobs_with_a_reply_logprobs_gives_the_engines_sums():
     batch = dpo_checks._tiny_batch(model, 3, n_pairs=4)
     torch.testing.assert_close(dpo.completion_logprobs(model, batch.pairs, reply_logprobs=reply_logprobs_right),
                                dpo.completion_logprobs(model, batch.pairs), atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_that_returns_the_courses_loss_is_refused():
+    with pytest.raises(CheckFailed, match="called nblib.dpo.make_loss_fn, the course's own version"):
+        dpo_checks.check_dpo_step(lambda cfg: dpo.make_loss_fn(cfg))

@@ -150,5 +150,5 @@ def test_a_step_that_trains_the_reference_is_named():
 def test_a_step_that_calls_the_courses_step_is_refused():
     def shortcut(trainer, ref, prompts, reward_fn, cfg, end_id, pad_id, generator):
         return grpo.step(trainer, ref, prompts, reward_fn, cfg, end_id, pad_id, generator)
-    with pytest.raises(CheckFailed, match="called nblib.grpo.step, the course's own step"):
+    with pytest.raises(CheckFailed, match="called nblib.grpo.step, the course's own version"):
         grpo_checks.check_grpo_step(shortcut)

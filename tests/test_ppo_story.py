@@ -51,8 +51,7 @@ def test_instructor_solutions_and_nblib_pass(capsys):
     run_cell("whiten")
     ppo_checks.check_kl_rewards(lambda *args: ppo.kl_rewards(*args))   # the course's, wrapped
     ppo_checks.check_ppo_loss(lambda *args: ppo.ppo_loss(*args))
-    ppo_checks.check_ppo_update(lambda *args: ppo.update(*args))
-    assert capsys.readouterr().out.count("passed") == 7
+    assert capsys.readouterr().out.count("passed") == 6
 
 
 def test_the_course_functions_and_stubs_are_refused():
@@ -294,3 +293,12 @@ def test_the_right_whitening_passes_and_the_courses_is_refused(capsys):
     assert "whiten: passed" in capsys.readouterr().out
     with pytest.raises(CheckFailed, match="course's own implementation"):
         ppo_checks.check_whiten(rl.masked_whiten)
+
+
+def test_an_update_that_calls_the_courses_is_refused():
+    with pytest.raises(CheckFailed, match="called nblib.ppo.update, the course's own version"):
+        ppo_checks.check_ppo_update(lambda trainer, exp, cfg, generator, loss: ppo.update(trainer, exp, cfg, generator,
+                                                                                           loss))
+    with pytest.raises(CheckFailed, match="called nblib.train.minibatch_steps"):
+        ppo_checks.check_ppo_update(lambda trainer, exp, cfg, generator, loss: train.minibatch_steps(
+            trainer, exp, ppo.make_loss_fn(cfg, loss), cfg.epochs, cfg.minibatches, generator))

@@ -6,7 +6,9 @@ say what was expected, what came back, and by how much it is off.
 """
 from __future__ import annotations
 
+import contextlib
 import reprlib
+from unittest import mock
 
 import torch
 
@@ -139,3 +141,20 @@ def yours_or_ours(check, yours, ours, name: str):
         return ours
     print(f"(using your {name} below)")
     return yours
+
+
+@contextlib.contextmanager
+def course_functions_refused(what: str, module, *names: str, write_from: str):
+    """While the learner's ``what`` runs, ``module``'s functions ``names`` (the course's whole answer to
+    the exercise) raise instead: calling them would pass the check without writing anything.
+    ``write_from`` says what to build it from instead."""
+    def refuse(name):
+        def refused(*args, **kwargs):
+            raise CheckFailed(f"{what} called {module.__name__}.{name}, the course's own version: write it from "
+                              f"{write_from}")
+        return refused
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(module, name, refuse(name)))
+        yield
+

@@ -12,7 +12,9 @@ import copy
 import torch
 
 from nblib import dpo, engine, llama, prefs, rl
-from nblib.checks import CheckFailed, call_learner, expect_close, expect_unchanged, passed
+from nblib.checks import CheckFailed, call_learner, course_functions_refused, expect_close, expect_unchanged, passed
+
+_PIECES = "its pieces (one forward, your reply_logprobs and dpo_loss, the batch's reference log-probs)"
 
 METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin")
 VOCAB, PAD = 13, 0
@@ -127,7 +129,8 @@ def check_dpo_step(make_dpo_loss_fn) -> None:
         batch = _tiny_batch(model, seed)
         want_model = copy.deepcopy(model)
         what = f"dpo_batch_loss with beta={beta} on a tiny model and {batch.n_pairs} pairs (rows of different lengths)"
-        loss_fn = call_learner("make_dpo_loss_fn", make_dpo_loss_fn, cfg)
+        with course_functions_refused("make_dpo_loss_fn", dpo, "make_loss_fn", write_from=_PIECES):
+            loss_fn = call_learner("make_dpo_loss_fn", make_dpo_loss_fn, cfg)
         if not callable(loss_fn):
             raise CheckFailed(f"make_dpo_loss_fn(cfg) returned a {type(loss_fn).__name__}: return the function "
                               "dpo_batch_loss itself (the trainer calls it with (model, batch))")
@@ -137,7 +140,8 @@ def check_dpo_step(make_dpo_loss_fn) -> None:
         forwards = []
         hook = model.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
         try:
-            result = call_learner("dpo_batch_loss", loss_fn, model, batch)
+            with course_functions_refused("dpo_batch_loss", dpo, "make_loss_fn", write_from=_PIECES):
+                result = call_learner("dpo_batch_loss", loss_fn, model, batch)
         finally:
             hook.remove()
         loss, metrics = _loss_and_metrics(what, result)

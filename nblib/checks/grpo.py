@@ -9,15 +9,13 @@ update is replayed with nblib's pieces, so that a step that lands on one is told
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-from unittest import mock
 
 import torch
 
 from nblib import chat, engine, grpo, llama, rl, train
-from nblib.checks import CheckFailed, call_learner, expect_close, passed
+from nblib.checks import CheckFailed, call_learner, course_functions_refused, expect_close, passed
 
 TOK = chat.ChatTokenizer()
 SEED = 11
@@ -145,21 +143,6 @@ def _mistaken_weights(policy, ref, prompts, reward_fn, cfg) -> list[tuple[torch.
             for run_cfg, step, message in runs]
 
 
-@contextlib.contextmanager
-def _course_step_refused():
-    """While the learner's step runs, nblib's whole-step functions refuse to: calling them would pass the
-    check without writing the step (the pieces it is made of, the engine and trainer.step, stay allowed)."""
-    def refuse(name):
-        def refused(*args, **kwargs):
-            raise CheckFailed(f"grpo_step called nblib.grpo.{name}, the course's own step: write the step from "
-                              "its pieces (engine.generate, your group advantages and loss, trainer.step)")
-        return refused
-    with contextlib.ExitStack() as stack:
-        for name in ("step", "rollout", "update"):
-            stack.enter_context(mock.patch.object(grpo, name, refuse(name)))
-        yield
-
-
 def _check_one(grpo_step, policy, ref, prompts, reward_fn, cfg, atol: float) -> None:
     want, want_logs, want_model = _nblib_step(policy, ref, prompts, reward_fn, cfg)
     trainer = train.Trainer(copy.deepcopy(policy), cfg.train_config(1))
@@ -168,7 +151,8 @@ def _check_one(grpo_step, policy, ref, prompts, reward_fn, cfg, atol: float) -> 
             f"scale_advantages {cfg.scale_advantages}, average {cfg.average!r}, {cfg.epochs} epoch(s) x "
             f"{cfg.minibatches} minibatch(es)")
     torch.manual_seed(SEED)
-    with _course_step_refused():
+    with course_functions_refused("grpo_step", grpo, "step", "rollout", "update",
+                                  write_from="its pieces (engine.generate, your group advantages and loss, trainer.step)"):
         result = call_learner(what, grpo_step, trainer, ref, prompts, reward_fn, cfg, TOK.end_id, TOK.pad_id,
                               torch.Generator().manual_seed(SEED))
     groups, step_logs = _expect_result(what, result)

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from nblib import engine, hardware, llama, ppo, reward, rl, train
-from nblib.checks import CheckFailed, call_learner, expect_close, expect_unchanged, passed
+from nblib.checks import CheckFailed, call_learner, course_functions_refused, expect_close, expect_unchanged, passed
 from nblib.checks.rl import ATOL, RTOL, _close, _diagnose, _loss, _masks
 
 
@@ -327,7 +327,11 @@ def _check_ppo_update(ppo_update) -> None:
     yours = copy.deepcopy(ac)
     trainer = train.Trainer(yours, cfg.train_config(1))
     saved = {f.name: getattr(exp, f.name).clone() for f in dataclasses.fields(exp)}
-    results = call_learner("ppo_update", ppo_update, trainer, exp, cfg, torch.Generator().manual_seed(5), ppo.ppo_loss)
+    with course_functions_refused("ppo_update", ppo, "update", write_from="the two loops (torch.randperm, .chunk, "
+                                  "trainer.step)"), \
+            course_functions_refused("ppo_update", train, "minibatch_steps", write_from="the two loops"):
+        results = call_learner("ppo_update", ppo_update, trainer, exp, cfg, torch.Generator().manual_seed(5),
+                               ppo.ppo_loss)
     expect_unchanged("ppo_update", {name: getattr(exp, name) for name in saved}, saved,
                      "index the rows into new tensors (exp.ids[rows], ...)")
     if trainer.steps_done != expected_steps:
