@@ -170,8 +170,8 @@ def test_every_untouched_exercise_is_not_attempted(lesson, ex_id, cell):
     """What makes bob's rows "not attempted", for every exercise, also those of lessons he does not hand in:
     the stub raises NotImplementedError, and the check under it lets that through (not "wrong")."""
     assert "    raise NotImplementedError(" in cell
-    (name,) = re.findall(r"^checks\.(check_\w+)\(", cell, re.MULTILINE)
-    module = grade.CHECKS_IMPORT.search("".join(c.source for c in instructor(lesson).cells))[1]
+    ((alias, name),) = re.findall(r"^(\w+)\.(check_\w+)\(", cell, re.MULTILINE)
+    module = grade.check_modules(instructor(lesson))[alias]
     check = getattr(importlib.import_module(f"nblib.checks.{module}"), name)
     if name == "check_average_gradients":
         return  # runs the stub in two processes: tests/test_pretrain_checks.py checks that its error comes back
@@ -207,3 +207,25 @@ def test_a_lesson_is_recognised_by_its_title_when_renamed(tmp_path):
     nbformat.write(student(PLANTED), path)
     assert grade.lesson_of(path, student(PLANTED), LESSONS) == PLANTED
     assert grade.student_of(tmp_path / "erin_01_bigram.ipynb", PLANTED) == "erin"
+
+
+def test_every_check_module_a_lesson_names_is_imported_fresh_for_the_grader():
+    # lesson 09 imports its checks under two names (checks, ppo_checks): a submission that replaced a check
+    # under either name must still be checked by the course's own
+    lesson = next(name for name in LESSONS if name.startswith("09_"))
+    modules = grade.check_modules(instructor(lesson))
+    assert modules["checks"] == "rl" and modules["ppo_checks"] == "ppo"
+    import types
+    tampered = types.SimpleNamespace(check_whiten=lambda fn: None)
+
+    def whiten(x, mask):   # no centring: the course's check names it
+        return x.masked_fill(~mask, 0)
+
+    cell = grade.grader_cell("check", "09.whiten", "ppo_checks.check_whiten(whiten)", modules, "token-1")
+    namespace = {"__grader_restore__": lambda: {}, "ppo_checks": tampered, "whiten": whiten}
+    saved = {name: module for name, module in sys.modules.items() if name.startswith("nblib.checks")}
+    try:  # the grader's cell imports the check modules afresh: its CheckFailed is another class than ours
+        with pytest.raises(AssertionError, match=r"whiten \(float32 advantages"):
+            exec(cell, namespace)  # noqa: S102
+    finally:
+        sys.modules.update(saved)

@@ -58,7 +58,13 @@ NOT_CODE = {tokenize.STRING, tokenize.COMMENT} | {getattr(tokenize, name) for na
                                                    ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(tokenize, name)}
 SECRET_WINDOW = 20           # characters of hidden-test code (no strings, no spaces) that a reason may not contain
 KEPT_TEXT = 64 * 1024        # what the worker keeps of a grader cell's printed text (it looks for the token)
-CHECKS_IMPORT = re.compile(r"from\s+nblib\.checks\s+import\s+(\w+)\s+as\s+checks\b")
+# the check modules a lesson imports under a name of its own: "from nblib.checks import ppo as ppo_checks"
+CHECKS_IMPORT = re.compile(r"from\s+nblib\.checks\s+import\s+(\w+)\s+as\s+(\w+)\b")
+
+
+def check_modules(instructor) -> dict[str, str]:
+    """{name in the notebook: module of nblib.checks} for every check module the instructor's notebook imports."""
+    return {alias: module for cell in instructor.cells for module, alias in CHECKS_IMPORT.findall(cell.source)}
 # Cell 0, before any of the notebook's code: remember the libraries the checks and hidden tests use,
 # so that each grader cell can put back what the notebook replaced (torch.allclose = ..., print = ...).
 SNAPSHOT = """# grader: remember the libraries as they are
@@ -167,21 +173,23 @@ def flags(submission, official) -> list[str]:
     return found
 
 
-def grader_cell(role: str, ex_id: str, code: str, checks_module: str | None, token: str) -> str:
+def grader_cell(role: str, ex_id: str, code: str, checks_modules: dict[str, str] | None, token: str) -> str:
     """The instructor's check or hidden tests, run by ``exec`` so that a rewrite of the cell (an AST
     transformer, try/except around each statement) cannot skip an assert and still print ``token``,
-    with a fresh import of the check module the student's code never touched."""
+    with fresh imports of the check modules (under each name the lesson gives one) that the student's
+    code never touched."""
     fresh = "globals().update(__grader_restore__())\n"
-    if checks_module:
+    if checks_modules:
         fresh += ("import sys, importlib\n"
                  "for _m in [m for m in sys.modules if m == 'nblib.checks' or m.startswith('nblib.checks.')]:\n"
-                 "    del sys.modules[_m]\n"
-                 f"checks = importlib.import_module('nblib.checks.{checks_module}')\n")
+                 "    del sys.modules[_m]\n")
+        fresh += "".join(f"{alias} = importlib.import_module('nblib.checks.{module}')\n"
+                         for alias, module in sorted(checks_modules.items()))
     source = f"{fresh}{code}\nprint({token!r})\n"
     return f"# grader: {role} of exercise {ex_id}\nexec(compile({source!r}, '<grader>', 'exec'), dict(globals()))"
 
 
-def graded_notebook(submission, exs: list[exercises.Exercise], checks_module: str | None = None):
+def graded_notebook(submission, exs: list[exercises.Exercise], checks_modules: dict[str, str] | None = None):
     """The submission's code cells with the grader's inserted, up to the last exercise's hidden tests
     (what follows cannot change a grade); returns (cells, {index: (id, role)}, {index: token})."""
     by_id = {ex.id: ex for ex in exs}
@@ -201,7 +209,7 @@ def graded_notebook(submission, exs: list[exercises.Exercise], checks_module: st
         cells.append(RESET)
         for role, code in (("check", ex.check), ("hidden", ex.hidden)):
             tokens[len(cells)] = secrets.token_hex(16)
-            cells.append(grader_cell(role, ex.id, code, checks_module, tokens[len(cells)]))
+            cells.append(grader_cell(role, ex.id, code, checks_modules, tokens[len(cells)]))
             roles[len(cells) - 1] = (ex.id, role)
     return (cells[:max(roles) + 1] if roles else cells), roles, tokens
 
@@ -435,8 +443,7 @@ def run_submission(cells, roles, tokens, cell_timeout, timeout, limits, box, wor
 def grade_one(nb, lesson: str, options, box, workers) -> dict:
     instructor = nbformat.read(NOTEBOOKS / lesson, as_version=4)
     exs = exercises.exercises(instructor, f"notebooks/{lesson}")
-    module = next((m[1] for c in instructor.cells for m in [CHECKS_IMPORT.search(c.source)] if m), None)
-    cells, roles, tokens = graded_notebook(nb, exs, module)
+    cells, roles, tokens = graded_notebook(nb, exs, check_modules(instructor))
     started = time.monotonic()
     # CPU seconds count every thread: the limit is a backstop for the wall clock, not a second budget
     limits = sandbox.Limits(cpu_s=(options.timeout + 30) * (os.cpu_count() or 1), memory_mb=options.memory_mb,
