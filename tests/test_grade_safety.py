@@ -27,7 +27,7 @@ import sandbox  # noqa: E402
 L00, L01 = "00_start_here.ipynb", "01_bigram.ipynb"
 SECRET = "teacher-secret-4f1c9a"  # in the grader's environment: must never reach the grades
 PLANTED_FILE = ROOT / "nblib" / "checks" / "_planted_by_a_submission.py"
-CELL_TIMEOUT = 10  # lesson 01's longest FAST cell takes a few seconds
+CELL_TIMEOUT = 20  # lesson 01's longest FAST cell takes a few seconds; 10 s failed it twice on a busy CI machine
 PROTECTIONS = sandbox.available()
 LOCKED = PROTECTIONS["hidden folders"]  # root with mount namespaces: solutions, classmates, checkout out of reach
 
@@ -217,7 +217,8 @@ def softmax_of(graded, who):
 @pytest.mark.slow
 def test_honest_rows_are_exactly_right(graded):
     alice = graded["data"]["alice"]
-    assert alice["total"] == alice["max"] > 1, alice
+    lost = {ex: r for ex, r in alice["exercises"].items() if r["points"] != r["max"]}
+    assert alice["total"] == alice["max"] > 1 and not lost, lost
     for who in ("bob", "zoe", "flood", "detach"):  # the flood and the detached child do not cost the answer
         assert softmax_of(graded, who)["points"] == 1, (who, softmax_of(graded, who))
     assert graded["zoe_same"] or not LOCKED, "a cheat overwrote a classmate's file"
