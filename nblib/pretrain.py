@@ -367,21 +367,11 @@ class TrainingRun:
         device = env.device
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever float32 matmuls remain
-        # data
-        self.folder = shard_folder(preset, opts.data_dir, env)
-        # one process per machine hashes the shards (the others check their sizes): the same files,
-        # read once; if they are corrupt, its error ends the run (torchrun stops every process)
-        hashed = opts.checksums and env.local_rank == 0
-        train_seed = preset.seed if preset.shuffle else None
-        self.windows = {"train": shards.Windows(shards.TokenShards(self.folder, "train", hashed),
-                                                preset.seq_len, train_seed),
-                        "val": shards.Windows(shards.TokenShards(self.folder, "val", hashed), preset.seq_len)}
-        self.manifest = self.windows["train"].tokens.manifest
-        self.identity = data_identity(self.folder, preset)
+        self.load_data()  # self.windows {"train", "val"} and self.identity (what fixes the data order)
         self.accum = accum_steps(preset, env.world_size)
         # model and trainer
         torch.manual_seed(preset.seed)  # the same initial weights in every process
-        model = Llama(preset_model(preset, self.manifest["vocab_size"])).to(device)
+        model = self.new_model().to(device)
         self.compile = device.type == "cuda" if opts.compile is None else opts.compile
         # the gradients are averaged over the processes by DDP, or by the learner's function (--average-gradients)
         by_hand = load_average_gradients(opts.average_gradients) if opts.average_gradients else None
@@ -410,6 +400,24 @@ class TrainingRun:
             (opts.out / "config.json").write_text(json.dumps(self.info(), indent=1))
         self.log = RunLog(opts.out / "log.jsonl" if env.is_main else None, append=self.resumed)
         self.signals = StopSignals()
+
+    def load_data(self) -> None:
+        """The token shards' windows (lesson 15's stages read conversations instead)."""
+        preset, opts, env = self.preset, self.opts, self.env
+        self.folder = shard_folder(preset, opts.data_dir, env)
+        # one process per machine hashes the shards (the others check their sizes): the same files,
+        # read once; if they are corrupt, its error ends the run (torchrun stops every process)
+        hashed = opts.checksums and env.local_rank == 0
+        train_seed = preset.seed if preset.shuffle else None
+        self.windows = {"train": shards.Windows(shards.TokenShards(self.folder, "train", hashed),
+                                                preset.seq_len, train_seed),
+                        "val": shards.Windows(shards.TokenShards(self.folder, "val", hashed), preset.seq_len)}
+        self.manifest = self.windows["train"].tokens.manifest
+        self.identity = data_identity(self.folder, preset)
+
+    def new_model(self) -> torch.nn.Module:
+        """The model at step 0: freshly initialised (lesson 15's stages start from the stage before)."""
+        return Llama(preset_model(self.preset, self.manifest["vocab_size"]))
 
     def saved_schedule(self) -> int:
         """The max_steps of the checkpoint's lr schedule (the run's first --max_steps)."""
@@ -607,12 +615,15 @@ class TrainingRun:
                 self.save()  # a run of 0 steps still leaves a checkpoint
             finished = self.trainer.steps_done == self.preset.max_steps
             if finished and self.preset.sample_tokens > 0:
-                prompt, text = sample_text(self.ckpt, self.manifest, self.env.device, self.preset.sample_tokens,
-                                           self.preset.seed)
+                prompt, text = self.sample()
                 self.log.write("sample", step=self.trainer.steps_done, prompt=prompt, text=text)
             summary = self.log.write("summary", **self.summary(finished))
         barrier()  # the other processes wait for rank 0's evaluation, sample and checkpoint
         return summary
+
+    def sample(self) -> tuple[str, str]:
+        """(prompt, text) sampled from the final checkpoint."""
+        return sample_text(self.ckpt, self.manifest, self.env.device, self.preset.sample_tokens, self.preset.seed)
 
     def elapsed(self) -> float:
         return round(time.perf_counter() - self.started, 3)
@@ -631,21 +642,24 @@ class TrainingRun:
     def info(self) -> dict:
         """config.json: the settings and what they imply."""
         p, env, model = self.preset, self.env, self.trainer.model
-        train_tokens = len(self.windows["train"].tokens)
         return dict(
             preset=dataclasses.asdict(p), model=dataclasses.asdict(model.config),
             params=model.num_params(), params_without_embeddings=model.num_params(exclude_embeddings=True),
             flops_per_token=self.flops_per_token, world_size=env.world_size, accum_steps=self.accum,
             schedule_steps=self.schedule_steps,
             tokens_per_step=p.tokens_per_step, tokens_total=p.tokens_per_step * p.max_steps,
-            passes_over_data=p.tokens_per_step * p.max_steps / train_tokens,
             devices_in_peak=env.devices, device=str(env.device), device_name=(torch.cuda.get_device_name(env.device) if env.device.type == "cuda"
                                                  else hardware.cpu_info().model),
             dtype=self.dtype, compile=self.compile, peak_flops_per_device=self.peak, peak_source=self.peak_source,
-            data=dict(folder=str(self.folder), tokenizer=self.manifest["tokenizer"], source=self.manifest["source"],
-                      vocab_size=self.manifest["vocab_size"], train_tokens=train_tokens,
-                      val_tokens=len(self.windows["val"].tokens)),
-            torch=torch.__version__, command=sys.argv)
+            **self.data_info(), torch=torch.__version__, command=sys.argv)
+
+    def data_info(self) -> dict:
+        """config.json's entries on the data."""
+        p, train_tokens = self.preset, len(self.windows["train"].tokens)
+        return dict(passes_over_data=p.tokens_per_step * p.max_steps / train_tokens,
+                    data=dict(folder=str(self.folder), tokenizer=self.manifest["tokenizer"],
+                              source=self.manifest["source"], vocab_size=self.manifest["vocab_size"],
+                              train_tokens=train_tokens, val_tokens=len(self.windows["val"].tokens)))
 
     def summary(self, finished: bool) -> dict:
         """The last and best val loss, throughput and MFU after the first log interval (which
@@ -815,7 +829,7 @@ def prepare_out(out: Path, args: argparse.Namespace, env: Env):
     return lock
 
 
-def resume_command(argv: list[str], env: Env) -> str:
+def resume_command(argv: list[str], env: Env, module: str = "nblib.pretrain") -> str:
     """The command that resumes this run: the same arguments, with --resume instead of
     --overwrite and --stop-at."""
     args, drop_next = [], False
@@ -832,10 +846,10 @@ def resume_command(argv: list[str], env: Env) -> str:
             python = str(Path(sys.executable).relative_to(Path.cwd()))
         except ValueError:
             python = "python"
-        return f"{shlex.quote(python)} -m nblib.pretrain {args}"
+        return f"{shlex.quote(python)} -m {module} {args}"
     if env.world_size == env.local_world_size:
-        return f"torchrun --standalone --nproc_per_node={env.local_world_size} -m nblib.pretrain {args}"
-    return f"torchrun (this run's --nnodes, --nproc_per_node and --rdzv options) -m nblib.pretrain {args}"
+        return f"torchrun --standalone --nproc_per_node={env.local_world_size} -m {module} {args}"
+    return f"torchrun (this run's --nnodes, --nproc_per_node and --rdzv options) -m {module} {args}"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -872,9 +886,10 @@ def main(argv: list[str] | None = None) -> dict:
             dist.destroy_process_group()
 
 
-def cli() -> None:
+def cli(main=main) -> None:
     """``python -m nblib.pretrain``: ``main()``, with what a user can fix said in one line
-    instead of a traceback, and the exit status of the signal for an interrupted run."""
+    instead of a traceback, and the exit status of the signal for an interrupted run
+    (lesson 15's stages run their own ``main`` through it)."""
     rank = os.environ.get("RANK", "0")
     who = "" if rank == "0" else f"[rank {rank}] "
     try:

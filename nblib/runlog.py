@@ -82,6 +82,12 @@ def describe_row(row: dict) -> str | None:
                 f" | {row['tokens_per_s']:,.0f} tok/s{mfu}{mem}")
     if kind == "eval":
         return f"step {row['step']:6d} | val {row['val_loss']:.4f} | train {row['train_loss']:.4f}"
+    if kind == "rl":  # lesson 15's RL stage
+        return (f"step {row['step']:6d} | reward {row['reward']:.3f} | all-equal groups {row['all_equal']:.0%} | "
+                f"KL {row['kl']:.4f} | reply {row['length']:.1f} tokens | loss {row['loss']:.4f}")
+    if kind == "rl_eval":
+        ks = " | ".join(f"{k} {v:.1%}" for k, v in row.items() if k.startswith("pass@"))
+        return f"step {row['step']:6d} | {row['task']} held out ({row['n']} problems): {ks}"
     if kind == "sample":
         return f"--- sample from step {row['step']} ---\n{row['prompt']}{row['text']}\n---"
     if kind == "summary":
@@ -106,15 +112,15 @@ def log_rows(log: list[dict], kind: str) -> list[dict]:
     return [r for r in log if r["kind"] == kind]
 
 
-def launch(args: list[str], processes: int = 1, echo: bool = True) -> None:
-    """Run ``python -m nblib.pretrain ARGS`` as a new process (under ``torchrun`` with
-    ``processes`` > 1), printing its output as it comes, as a terminal would. A failed run
-    raises ``RuntimeError`` with the end of its output."""
+def launch(args: list[str], processes: int = 1, echo: bool = True, module: str = "nblib.pretrain") -> None:
+    """Run ``python -m MODULE ARGS`` (``nblib.pretrain``, or one of lesson 15's stages) as a new
+    process (under ``torchrun`` with ``processes`` > 1), printing its output as it comes, as a
+    terminal would. A failed run raises ``RuntimeError`` with the end of its output."""
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "nblib.pretrain", *args]
+                   "-m", module, *args]
     else:
-        command = [sys.executable, "-m", "nblib.pretrain", *args]
+        command = [sys.executable, "-m", module, *args]
     env = dict(os.environ)
     if processes > 1:
         env.setdefault("OMP_NUM_THREADS", "1")  # CPU processes share the cores: one thread each
