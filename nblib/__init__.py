@@ -40,6 +40,15 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``processes``: the processes of a run: torchrun's ranks, DDP wrapping, stop signals, the one-run-per-folder lock (14)
 - ``runlog``: a run's ``log.jsonl``, written by rank 0 and read back, plotted or launched from a notebook (14)
 - ``pretrain``: the training program, ``python -m nblib.pretrain``: the run, its measurements, exact resume, the command line (14)
+- ``chatbpe``: GPT-2's BPE with the chat tokens in the padded vocabulary's rows (15)
+- ``chatdata``: the chatbot's data: the real sets prepared with ``datasets``, the course's practice sets, the stages' mixtures, an identity (15)
+- ``evals``: HellaSwag's acc_norm and a CORE-like mean for base models, choice letters and GSM8K for chat models, a vibe check (15)
+- ``stages``: the stages after pre-training as programs (``nblib.midtrain``, ``nblib.chat_sft``): conversations as masked rows, lesson 14's run from the stage before (15)
+- ``midtrain``: ``python -m nblib.midtrain`` (15)
+- ``chat_sft``: ``python -m nblib.chat_sft`` (15)
+- ``chat_rl``: ``python -m nblib.chat_rl``: GRPO on math word problems with a verifiable reward, resumable (15)
+- ``report``: a stage's evals (``evals.json``) and the report card of a run (15)
+- ``serve``: ``python -m nblib.serve``: a streaming web chat (and a terminal chat) from a stage's checkpoint (15)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
 from nblib.record import headline

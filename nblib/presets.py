@@ -71,6 +71,12 @@ PRESETS = {
     "gpt2-124m": Preset(data="fineweb-edu", n_layer=12, n_head=12, n_embd=768, seq_len=1024, tie_embeddings=True,
                         batch_size=64, global_batch=512, max_steps=19_073, lr=6e-4, min_lr=6e-5, warmup_steps=715,
                         beta2=0.95, eval_interval=250, eval_batches=20, ckpt_interval=1000, sample_tokens=64),
+    # Lesson 15's base model at CPU size: GPT-2 tokens (the chat tokens live in the padded rows) of
+    # tinyshakespeare, the only corpus that ships with the course; 4 layers, 128 wide, tied embeddings
+    # (7.2M parameters, 0.8M outside the embedding): about 6 minutes on 2 CPU cores.
+    "chat-cpu": Preset(data="shakespeare-gpt2", n_layer=4, n_head=4, n_embd=128, seq_len=256, tie_embeddings=True,
+                       batch_size=8, global_batch=8, max_steps=250, lr=2e-3, min_lr=2e-4, warmup_steps=25,
+                       beta2=0.95, eval_interval=125, eval_batches=8, ckpt_interval=125, sample_tokens=48),
     # A free Colab T4 (float16 Tensor Cores, no bfloat16: GradScaler): a 30M-parameter model
     # (10.6M outside the tied embeddings) on GPT-2 tokens of FineWeb-edu, 4,000 steps of
     # 32,768 tokens = 131M tokens, 194 MFLOP per token: 2.5e16 FLOPs, about 26 min at 25%
