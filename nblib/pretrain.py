@@ -291,21 +291,26 @@ def train_loss(runner: torch.nn.Module):
     return loss_fn
 
 
+def load_learner_function(path: str, name: str, flag: str, signature: str):
+    """The function ``name`` from the Python file at ``path``: a learner's exercise, written to a file for a
+    program (a process of its own) to run; ``flag`` and ``signature`` go into the errors."""
+    import importlib.util
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file (a .py file that defines {signature})")
+    spec = importlib.util.spec_from_file_location(f"learners_{name}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, name, None)):
+        raise ValueError(f"{flag} {path}: the file defines no function {signature}")
+    return getattr(module, name)
+
+
 def load_average_gradients(path: str):
     """``average_gradients(model)`` from the Python file at ``path`` (lesson 14's exercise, written out
     by ``nblib.checks.pretrain.write_average_gradients``): with it, the processes train without DDP and
     call it after each step's backward passes to average the gradients by hand."""
-    import importlib.util
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--average-gradients {path}: no such file (a .py file that defines "
-                                "average_gradients(model))")
-    spec = importlib.util.spec_from_file_location("learners_average_gradients", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "average_gradients", None)):
-        raise ValueError(f"--average-gradients {path}: the file defines no function average_gradients(model)")
-    return module.average_gradients
+    return load_learner_function(path, "average_gradients", "--average-gradients", "average_gradients(model)")
 
 
 def eval_batches(windows: dict[str, shards.Windows], batch_size: int, device: torch.device, tick=None):

@@ -115,6 +115,7 @@ class StagePreset:
     ckpt_interval: int = 100
     sample_tokens: int = 60         # tokens of the final model's reply to "Who are you?"
     generated: int = 400            # course-made multiple-choice questions and word problems in the mixture
+    identity_copies: int = 4        # times the identity conversations (--identity) appear in SFT's mixture
     seq_len: int = 0                # tokens per row: 0 is the model's context (its block_size)
 
     @property
@@ -131,8 +132,10 @@ STAGE_PRESETS = {
                                     ckpt_interval=500, dtype="float16", generated=20_000),
             "gpt2-124m": StagePreset(batch_size=32, global_batch=256, max_steps=3000, lr=2e-4, eval_interval=500,
                                      ckpt_interval=500, generated=100_000)},
+    # SFT at CPU size: fewer course-made questions (mid-training taught the formats) and the identity
+    # conversations 20 times over, about a fifth of the mixture, so that 100 steps teach the name
     "sft": {"cpu": StagePreset(batch_size=8, global_batch=8, max_steps=100, lr=5e-4, min_lr=5e-5, eval_interval=50,
-                               ckpt_interval=50),
+                               ckpt_interval=50, generated=150, identity_copies=20),
             "colab-t4": StagePreset(batch_size=32, global_batch=64, max_steps=600, lr=1e-4, eval_interval=200,
                                     ckpt_interval=200, dtype="float16", generated=5000),
             "gpt2-124m": StagePreset(batch_size=32, global_batch=256, max_steps=1000, lr=1e-4, eval_interval=250,
@@ -147,8 +150,8 @@ def check_stage_preset(p: StagePreset) -> None:
     problems = [f"--{n} must be >= 1, got {getattr(p, n)}" for n in
                 ("batch_size", "global_batch", "max_steps", "log_interval", "eval_interval", "eval_batches",
                  "ckpt_interval") if getattr(p, n) < 1]
-    problems += [f"--{n} must be >= 0, got {getattr(p, n)}" for n in ("warmup_steps", "sample_tokens", "generated")
-                 if getattr(p, n) < 0]
+    problems += [f"--{n} must be >= 0, got {getattr(p, n)}" for n in ("warmup_steps", "sample_tokens", "generated",
+                                                                       "identity_copies") if getattr(p, n) < 0]
     if not 0 < p.lr < 1 or not 0 <= p.min_lr <= p.lr:
         problems.append(f"--lr must be in (0, 1) and --min_lr in [0, lr], got lr={p.lr}, min_lr={p.min_lr}")
     if p.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -200,7 +203,8 @@ class StageRun(pretrain.TrainingRun):
     def load_data(self) -> None:
         p, tok = self.preset, self.tokenizer
         convs = {split: chatdata.mixture(self.stage, split, self.data_dir, self.identity_file, seed=p.seed,
-                                         generated=p.generated) for split in ("train", "val")}
+                                         generated=p.generated, identity_copies=p.identity_copies)
+                 for split in ("train", "val")}
         self.windows = {"train": ChatRows(convs["train"], tok, p.seq_len, p.seed if p.shuffle else None),
                         "val": ChatRows(convs["val"], tok, p.seq_len)}
         init_meta = checkpoint.read_metadata(self.init)
