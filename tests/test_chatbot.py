@@ -414,22 +414,3 @@ def test_the_base_evals_run_on_a_gpt2_family_model_too():
     assert math.isclose(evals.continuation_logprobs(model, ctx, [cont])[0], want, rel_tol=1e-5)
     result = evals.hellaswag(model, tok, chatdata.load("hellaswag-val", limit=3))
     assert result["n"] == 3 and 0 <= result["acc_norm"] <= 1
-
-
-@pytest.mark.slow
-def test_mid_training_under_torchrun_matches_one_process(base_run, tmp_path):
-    import os
-    import subprocess
-    import sys
-    args = ["--preset", "cpu", "--tiny", "--from", str(base_run)]
-    stages.main("mid", [*args, "--out", str(tmp_path / "one")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nblib.midtrain",
-           *args, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NBLIB_FAST": "1", "NBLIB_PROGRESS": "0", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    config = json.loads((tmp_path / "two" / "config.json").read_text())
-    assert config["world_size"] == 2 and config["stage"] == "mid"
-    one = [r["loss"] for r in log_rows(read_log(tmp_path / "one"), "train")]
-    two = [r["loss"] for r in log_rows(read_log(tmp_path / "two"), "train")]
-    assert two == pytest.approx(one, rel=1e-4)   # the same rows each step, split over two processes

@@ -248,4 +248,7 @@ def test_loopback_by_default_and_a_warning_otherwise(server):
 
 def test_make_server_refuses_a_reply_longer_than_the_context(model):
     with pytest.raises(ValueError, match="max_new_tokens=200 must be between 1 and the model's block_size=64"):
-        serve.make_server(model, TOK, port=0)
+        serve.make_server(model, TOK, port=0, max_new_tokens=200)
+    server = serve.make_server(model, TOK, port=0)   # the default fits: half the context of a small model
+    assert server.max_new_tokens == 32
+    server.server_close()

@@ -2,6 +2,7 @@
 GSM8K reward (15.gsm8k_reward), each against ``nblib.evals`` and with the usual mistakes named."""
 from __future__ import annotations
 
+import functools
 import inspect
 import textwrap
 from pathlib import Path
@@ -69,11 +70,24 @@ def _letter_variants():
             "the logits of the first position read instead of the last": first_position}
 
 
+def _cases():
+    """(seed, model, question, choices) for every question on each of the two random models."""
+    return [(seed, tiny_chat_model(seed), q, c) for seed in (0, 1) for q, c in QUESTIONS]
+
+
+@functools.lru_cache(maxsize=None)
+def _answers(variant: str | None) -> tuple[int, ...]:
+    """nblib's answers (``variant`` None) or those of one mistake, on fresh models: computed once per process."""
+    tok = chat_bpe()
+    fn = evals.letter_choice if variant is None else _letter_variants()[variant]
+    return tuple(fn(model, tok, q, list(c)) for _, model, q, c in _cases())
+
+
 def check_letter_choice(letter_choice) -> None:
     """``letter_choice(model, tokenizer, question, choices) -> int`` must pick the same choice as
     ``nblib.evals.letter_choice`` on every question, for two random models."""
     tok = chat_bpe()
-    cases = [(seed, tiny_chat_model(seed), q, c) for seed in (0, 1) for q, c in QUESTIONS]
+    cases = _cases()
     answers = []
     for seed, model, question, choices in cases:
         what = f"letter_choice on {question!r} with {len(choices)} choices (model seed {seed})"
@@ -85,7 +99,7 @@ def check_letter_choice(letter_choice) -> None:
         if isinstance(got, bool) or not isinstance(got, int | torch.Tensor) or (torch.is_tensor(got) and got.numel() != 1):
             raise CheckFailed(f"{what}: expected an int (the index of the chosen choice), got {got!r}")
         answers.append(int(got))
-    wants = [evals.letter_choice(model, tok, q, list(c)) for _, model, q, c in cases]
+    wants = _answers(None)
     wrong = [i for i, (got, want) in enumerate(zip(answers, wants)) if got != want]
     if not wrong:
         passed("letter_choice")
@@ -95,8 +109,7 @@ def check_letter_choice(letter_choice) -> None:
     if got >= len(choices) or got < 0:
         hint = f" (index {got} is not one of the {len(choices)} choices: only the question's letters compete)"
     else:
-        named = [name for name, fn in _letter_variants().items()
-                 if [fn(m, tok, q, list(c)) for _, m, q, c in cases] == answers]
+        named = [name for name in _letter_variants() if list(_answers(name)) == answers]
         hint = f" (your answers are those of a scorer where {named[0]})" if named else ""
     raise CheckFailed(f"letter_choice on {question!r} with {len(choices)} choices (model seed {seed}): expected "
                       f"choice {want} ({chatdata.LETTERS[want]}), got {got}; {len(wrong)} of {len(cases)} answers "
