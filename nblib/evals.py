@@ -185,6 +185,10 @@ def reply_of(completion: list[int], tokenizer) -> str:
     return tokenizer.decode(completion[:end])
 
 
+PRACTICE_REPLY_TOKENS = 48   # a practice word problem's worked answer is about 15 tokens; GSM8K's often 100-200
+REAL_REPLY_TOKENS = 256
+
+
 def reply_budget(model, max_new_tokens: int) -> int:
     """``max_new_tokens``, capped at half the model's context so the question keeps the other half."""
     return max(1, min(max_new_tokens, model.config.block_size // 2))

@@ -33,9 +33,12 @@ def eval_sets(data_dir: str | None = None, limit: int | None = None) -> dict[str
 
 
 def evaluate_run(run_dir: str | Path, kind: str, data_dir: str | None = None, limit: int | None = None,
-                 gsm8k_k: int = 0, device: str = "cpu", choose=evals.letter_choice, write: bool = True) -> dict:
+                 gsm8k_k: int = 0, device: str = "cpu", choose=evals.letter_choice, write: bool = True,
+                 reply_tokens: int | None = None) -> dict:
     """Score the stage in ``run_dir``: ``kind`` "base" (continuations, CORE-like) or "chat" (letters,
-    GSM8K, vibe check). ``limit`` items per set. Writes ``run_dir/evals.json`` (unless ``write=False``)."""
+    GSM8K, vibe check). ``limit`` items per set; GSM8K replies of at most ``reply_tokens`` (default: 48 on
+    the practice sets, as the RL stage's replies, 256 on the real ones). Writes ``run_dir/evals.json``
+    (unless ``write=False``)."""
     if kind not in ("base", "chat"):
         raise ValueError(f"kind must be 'base' or 'chat', got {kind!r}")
     started = time.perf_counter()
@@ -45,7 +48,9 @@ def evaluate_run(run_dir: str | Path, kind: str, data_dir: str | None = None, li
         result = evals.base_evals(model, tokenizer, sets)
     else:
         result = evals.chat_evals(model, tokenizer, sets, choose)
-        result["gsm8k"] = evals.gsm8k(model, tokenizer, sets["gsm8k-test"], k=gsm8k_k)
+        if reply_tokens is None:
+            reply_tokens = evals.PRACTICE_REPLY_TOKENS if data_dir is None else evals.REAL_REPLY_TOKENS
+        result["gsm8k"] = evals.gsm8k(model, tokenizer, sets["gsm8k-test"], max_new_tokens=reply_tokens, k=gsm8k_k)
         result["vibe"] = evals.vibe_check(model, tokenizer)
     result.update(kind=kind, limit=limit, eval_s=round(time.perf_counter() - started, 3))
     if write:
@@ -129,6 +134,8 @@ def main(argv=None) -> None:
     p.add_argument("--kind", choices=("base", "chat"), default="chat")
     p.add_argument("--limit", type=int, help="items per eval set (default: all)")
     p.add_argument("--gsm8k-k", type=int, default=0, help="also pass@k with k samples per GSM8K problem")
+    p.add_argument("--reply-tokens", type=int, help="GSM8K replies of at most this many tokens (default 48 on the "
+                                                    "practice sets, 256 on the real ones)")
     p.add_argument("--data-dir", help="prepared full eval sets (python -m nblib.chatdata prepare)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--card", nargs="*", metavar="STAGE=DIR", help="the stages, in order, for the report card")
@@ -136,7 +143,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         if args.eval:
-            result = evaluate_run(args.eval, args.kind, args.data_dir, args.limit, args.gsm8k_k, args.device)
+            result = evaluate_run(args.eval, args.kind, args.data_dir, args.limit, args.gsm8k_k, args.device,
+                                  reply_tokens=args.reply_tokens)
             print(json.dumps({k: v for k, v in result.items() if k != "vibe"}, indent=1))
         if args.card:
             pairs = [s.split("=", 1) for s in args.card]
