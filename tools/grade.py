@@ -440,6 +440,18 @@ def run_submission(cells, roles, tokens, cell_timeout, timeout, limits, box, wor
     return {i: e for i, e in errors.items() if e}, (why if len(errors) < len(cells) else ""), set(errors)
 
 
+def earlier_failure(cells: list[str], roles: dict, errors: dict, before: int) -> str:
+    """What the teacher needs beside an exercise's error when one of the student's own cells failed first
+    (a plot that timed out leaves its names undefined: the exercise then raises NameError)."""
+    first = next((i for i in sorted(errors) if 0 < i < before and i not in roles and cells[i] != RESET), None)
+    if first is None:
+        return ""
+    number = sum(1 for i in range(1, first + 1) if roles.get(i, ("", "answer"))[1] == "answer" and cells[i] != RESET)
+    line = next((ln.strip() for ln in cells[first].splitlines() if ln.strip()), "")[:60]
+    _, text = reason(errors[first][0], " ".join(errors[first][1].split())[:120], "answer")
+    return f" (after the notebook's code cell {number}, `{line}`, failed: {text})"
+
+
 def grade_one(nb, lesson: str, options, box, workers) -> dict:
     instructor = nbformat.read(NOTEBOOKS / lesson, as_version=4)
     exs = exercises.exercises(instructor, f"notebooks/{lesson}")
@@ -461,7 +473,7 @@ def grade_one(nb, lesson: str, options, box, workers) -> dict:
                 error = errors.get(i) or (None if i in ran else ("NotRun", why))
                 if error:
                     status, text = reason(error[0], scrub(error[1], secret_code(ex.hidden)), roles[i][1])
-                    result.update(points=0, status=status, reason=text)
+                    result.update(points=0, status=status, reason=text + earlier_failure(cells, roles, errors, i))
                     break
         results[ex.id] = result
     return {"seconds": round(time.monotonic() - started, 1), "exercises": results}
