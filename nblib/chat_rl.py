@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     if out.resolve() == Path(args.init).resolve():
         raise UsageError("--out must be a new folder, not the --from folder")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    resume = pretrain.resume_command(argv, pretrain.Env(device), "nblib.chat_rl")
-    lock = pretrain.prepare_out(out, args, pretrain.Env(device))
+    env = pretrain.Env(device)
+    resume = pretrain.resume_command(argv, env, "nblib.chat_rl")
+    lock = pretrain.prepare_out(out, args, env)
     try:
         with hardware.threads(1 if tiny and device.type == "cpu" else None):
             setup(seed=preset.seed, device=str(device), quiet=True)

@@ -112,6 +112,21 @@ def log_rows(log: list[dict], kind: str) -> list[dict]:
     return [r for r in log if r["kind"] == kind]
 
 
+def set_aside(folder: str | Path) -> Path:
+    """``folder``, ready for a new run: what an earlier pass of a notebook left there (a run's
+    checkpoints, prepared data) moves to ``<folder>-previous-<time>`` beside it, never deleted (the
+    programs refuse to start over a run without --resume or --overwrite). Returns ``folder``."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = folder.with_name(f"{folder.name}-previous-{stamp}"), 1
+        while aside.exists():
+            aside, n = folder.with_name(f"{folder.name}-previous-{stamp}-{n}"), n + 1
+        folder.rename(aside)
+        print(f"the earlier {folder} is kept in {aside} (delete it yourself when you no longer need it)")
+    return folder
+
+
 def launch(args: list[str], processes: int = 1, echo: bool = True, module: str = "nblib.pretrain") -> None:
     """Run ``python -m MODULE ARGS`` (``nblib.pretrain``, or one of lesson 15's stages) as a new
     process (under ``torchrun`` with ``processes`` > 1), printing its output as it comes, as a

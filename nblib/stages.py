@@ -253,8 +253,8 @@ def parser(stage: str) -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", help="cuda, cpu, mps (default: the best there is)")
     for f in dataclasses.fields(StagePreset):
-        kind = {int: pretrain._parse_int, float: pretrain._parse_float, bool: pretrain._parse_bool,
-                str: str}[{"int": int, "float": float, "bool": bool, "str": str}[f.type]]
+        kind = {"int": pretrain._parse_int, "float": pretrain._parse_float, "bool": pretrain._parse_bool,
+                "str": str}[f.type]  # the annotations are strings (from __future__ import annotations)
         p.add_argument(f"--{f.name}", type=kind, default=None, help=argparse.SUPPRESS)
     return p
 

@@ -671,3 +671,18 @@ def test_benchmark_writes_nanogpts_data_and_reads_its_log(tmp_path):
     assert bench.NANO_ITER.match("iter 7: loss 2.5113, time 41.52ms, mfu 0.10%").groups() == ("7", "41.52")
     assert bench.NANO_EVAL.match("step 2000: train loss 1.7520, val loss 1.8900")[3] == "1.8900"
     assert bench.tokens_per_s([9.0, 0.5, 0.5], warmup=1) == 2 * bench.TOKENS_PER_STEP / 1.0
+
+
+def test_a_notebook_pass_sets_an_earlier_run_aside_and_deletes_nothing(tmp_path, capsys):
+    run = tmp_path / "runs" / "base"
+    assert runlog.set_aside(run) == run and not run.exists()  # nothing there: nothing to move
+    run.mkdir(parents=True)
+    assert runlog.set_aside(run) == run and run.is_dir()  # an empty folder stays
+    for n in range(2):
+        run.mkdir(exist_ok=True)
+        (run / "ckpt.safetensors").write_bytes(bytes([n]) * 10)
+        runlog.set_aside(run)
+        assert not run.exists()
+    kept = sorted(tmp_path.joinpath("runs").glob("base-previous-*"))
+    assert [p.joinpath("ckpt.safetensors").read_bytes() for p in kept] == [b"\0" * 10, b"\1" * 10]
+    assert "kept in" in capsys.readouterr().out
