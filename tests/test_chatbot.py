@@ -334,37 +334,30 @@ def test_a_stage_resumes_to_the_same_losses(base_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_tiny_chain_end_to_end(base_run, tmp_path):
+def test_sft_with_an_identity_then_rl_resumed_exactly_then_the_report_card(base_run, tmp_path):
+    """The chain after mid-training (which lesson 15 runs in CI, and test_a_stage_resumes tests)."""
     ident = tmp_path / "me.jsonl"
     ident.write_text("".join(json.dumps(c) + "\n" for c in chatdata.identity_conversations("Nib", "a learner")))
-    stages.main("mid", ["--preset", "cpu", "--tiny", "--from", str(base_run), "--out", str(tmp_path / "mid")])
-    stages.main("sft", ["--preset", "cpu", "--tiny", "--from", str(tmp_path / "mid"), "--out", str(tmp_path / "sft"),
+    stages.main("sft", ["--preset", "cpu", "--tiny", "--from", str(base_run), "--out", str(tmp_path / "sft"),
                         "--identity", str(ident)])
     config = json.loads((tmp_path / "sft" / "config.json").read_text())
     assert config["data"]["identity"] == str(ident)
-    summary = chat_rl.main(["--preset", "cpu", "--tiny", "--from", str(tmp_path / "sft"), "--out", str(tmp_path / "rl")])
-    assert summary["finished"] and summary["step"] == 3
-    rows = read_log(tmp_path / "rl")
-    assert len(log_rows(rows, "rl")) == 3 and all(0 <= r["reward"] <= 1 for r in log_rows(rows, "rl"))
-    report.evaluate_run(base_run, "base", limit=4)
-    report.evaluate_run(tmp_path / "sft", "chat", limit=4, gsm8k_k=2)
-    card = report.card({"base": base_run, "mid": tmp_path / "mid", "sft": tmp_path / "sft", "rl": tmp_path / "rl"},
-                       tmp_path / "card")
-    assert "| sft |" in card["markdown"] and (tmp_path / "card" / "report.json").is_file()
-    saved = json.loads((tmp_path / "card" / "report.json").read_text())
-    assert [r["stage"] for r in saved["rows"]] == ["base", "mid", "sft", "rl"]
-    assert 0 <= saved["rows"][0]["evals"]["hellaswag"]["acc_norm"] <= 1
-
-
-@pytest.mark.slow
-def test_rl_resumes_to_the_same_rewards(base_run, tmp_path):
-    stages.main("sft", ["--preset", "cpu", "--tiny", "--from", str(base_run), "--out", str(tmp_path / "sft")])
     args = ["--preset", "cpu", "--tiny", "--from", str(tmp_path / "sft")]
-    chat_rl.main([*args, "--out", str(tmp_path / "whole")])
+    summary = chat_rl.main([*args, "--out", str(tmp_path / "whole")])
+    assert summary["finished"] and summary["step"] == 3
+    rows = log_rows(read_log(tmp_path / "whole"), "rl")
+    assert len(rows) == 3 and all(0 <= r["reward"] <= 1 for r in rows)
     assert not chat_rl.main([*args, "--out", str(tmp_path / "halves"), "--stop-at", "2"])["finished"]
     chat_rl.main([*args, "--out", str(tmp_path / "halves"), "--resume"])
     rewards = lambda d: [(r["reward"], r["loss"]) for r in log_rows(read_log(d), "rl")]  # noqa: E731
     assert rewards(tmp_path / "whole") == rewards(tmp_path / "halves")
+    report.evaluate_run(base_run, "base", limit=4)
+    report.evaluate_run(tmp_path / "sft", "chat", limit=4, gsm8k_k=2)
+    card = report.card({"base": base_run, "sft": tmp_path / "sft", "rl": tmp_path / "whole"}, tmp_path / "card")
+    assert "| sft |" in card["markdown"] and (tmp_path / "card" / "report.json").is_file()
+    saved = json.loads((tmp_path / "card" / "report.json").read_text())
+    assert [r["stage"] for r in saved["rows"]] == ["base", "sft", "rl"]
+    assert 0 <= saved["rows"][0]["evals"]["hellaswag"]["acc_norm"] <= 1
 
 
 @pytest.mark.slow
