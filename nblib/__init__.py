@@ -49,6 +49,10 @@ Each module is one idea a lesson taught, written once so later lessons can impor
 - ``chat_rl``: ``python -m nblib.chat_rl``: GRPO on math word problems with a verifiable reward, resumable (15)
 - ``report``: a stage's evals (``evals.json``) and the report card of a run (15)
 - ``serve``: ``python -m nblib.serve``: a streaming web chat (and a terminal chat) from a stage's checkpoint (15)
+- ``inference``: memory bandwidth, prefill and decode timed, the decode roofline (16)
+- ``paged``: the paged KV cache (pages, page tables, slots) and continuous batching, against static batches (16)
+- ``quant``: int8 weight-only quantization per output row, ``Int8Linear``, quantized models saved as safetensors (16)
+- ``speculative``: speculative decoding: the accept/reject rule that keeps the target's distribution, the draft-and-check loop (16)
 - ``checks``: exercise checks a learner runs on their own code, one module per lesson
 """
 from nblib.record import headline

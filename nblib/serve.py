@@ -22,27 +22,31 @@ and the page reads them with ``fetch`` and ``response.body.getReader()``.
 
 The page keeps the conversation and sends all of it with every message; the server keeps
 nothing between requests, and the prompt keeps the latest turns that fit the context
-(``nblib.chat._fit``). One lock lets one reply be generated at a time: the model is not
-thread-safe, and on a CPU two replies at once would each go at half speed anyway. By default
-the server listens on 127.0.0.1, so only this machine can reach it.
+(``nblib.chat._fit``). Replies are generated together by lesson 16's continuous-batching
+engine (``nblib.paged.EngineThread``: one thread steps the model for every client, a client
+that leaves frees its row at once); ``--max-batch 1`` goes back to one reply at a time behind
+a lock. ``load_test`` measures the server under N concurrent local clients. By default the
+server listens on 127.0.0.1, so only this machine can reach it.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
 import itertools
 import json
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
 
-from nblib import engine, sample
+from nblib import engine, paged, sample
 from nblib.chat import ROLES, _fit, chat, render_prompt
 from nblib.kvcache import new_cache
 
@@ -164,16 +168,32 @@ def decode_pieces(ids: Iterable[int], tokenizer) -> Iterator[str]:
 # ---------------------------------------------------------------------------- the server
 
 class ChatServer(ThreadingHTTPServer):
-    """A ``ThreadingHTTPServer`` that holds the model, its tokenizer and the lock around generation."""
+    """A ``ThreadingHTTPServer`` that holds the model, its tokenizer, and either the continuous-batching
+    engine (lesson 16: every client's reply in one batch) or the lock around one reply at a time."""
 
     daemon_threads = True  # a request still streaming does not keep Ctrl-C from ending the program
 
-    def __init__(self, address, model, tokenizer, max_new_tokens: int, quiet: bool):
+    def __init__(self, address, model, tokenizer, max_new_tokens: int, quiet: bool,
+                 engine_thread: paged.EngineThread | None = None):
         super().__init__(address, ChatHandler)
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.quiet = max_new_tokens, quiet
         self.lock = threading.Lock()
-        self.info = {"params": sum(p.numel() for p in model.parameters()), "block_size": model.config.block_size}
+        self.engine = engine_thread
+        self.tokens_out = 0  # tokens streamed to clients so far (a load test reads it from /health)
+        self.info = {"params": sum(p.numel() for p in model.parameters()), "block_size": model.config.block_size,
+                     "batching": "continuous" if engine_thread else "one reply at a time"}
+
+    def counted(self, tokens: Iterator[int]) -> Iterator[int]:
+        for token in tokens:
+            with self.lock if self.engine is not None else nullcontext():  # the lock is held already otherwise
+                self.tokens_out += 1
+            yield token
+
+    def server_close(self):
+        super().server_close()
+        if self.engine is not None:
+            self.engine.close()
 
     @property
     def url(self) -> str:
@@ -192,7 +212,9 @@ class ChatHandler(BaseHTTPRequestHandler):
         if path == "/":
             self._send(200, "text/html; charset=utf-8", PAGE.encode("utf-8"))
         elif path == "/health":
-            self._send_json(200, {"ok": True, "model": self.server.info})
+            engine_stats = self.server.engine.stats() if self.server.engine else None
+            self._send_json(200, {"ok": True, "model": self.server.info, "tokens_out": self.server.tokens_out,
+                                  "engine": engine_stats})
         else:
             self._send_json(404, {"error": f"no page {path}: the chat is at /, replies come from POST /chat"})
 
@@ -202,11 +224,11 @@ class ChatHandler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": f"nothing to POST to at {path}: send conversations to /chat"})
             return
         try:  # everything a request can get wrong is refused here, before the lock and before a 200
-            pieces = stream_reply(self.server.model, self.server.tokenizer, **self._chat_request())
+            pieces = self._reply(**self._chat_request())
         except ValueError as err:
             self._send_json(400, {"error": str(err)})
             return
-        with self.server.lock, closing(pieces):  # closing: the generator stops now, not when garbage-collected
+        with (self.server.lock if self.server.engine is None else nullcontext()), closing(pieces):  # closing: the generator stops now, not when garbage-collected
             try:  # the prefill and the first token, so that a failing model is a 500, not a broken 200
                 first = next(pieces, None)
             except Exception as err:
@@ -214,6 +236,23 @@ class ChatHandler(BaseHTTPRequestHandler):
                 self._send_json(500, {"error": f"the model failed: {err}"})
                 return
             self._stream(itertools.chain([] if first is None else [first], pieces))
+
+    def _reply(self, conversation, max_new_tokens, temperature, top_k) -> Iterator[str]:
+        """The reply's text pieces: from the engine thread, or generated here (behind the lock) with
+        ``reply_tokens``. Closing them stops the reply (the engine frees the request's row and pages)."""
+        check_messages(conversation)
+        check_sampling(temperature, top_k)
+        server = self.server
+        prompt = prompt_ids(server.model, server.tokenizer, conversation, max_new_tokens)
+        if server.engine is not None:
+            tokens = server.engine.submit(prompt, max_new_tokens, temperature, top_k)
+        else:
+            tokens = reply_tokens(server.model, server.tokenizer, prompt, max_new_tokens, temperature, top_k)
+
+        def pieces():
+            with closing(tokens):
+                yield from decode_pieces(server.counted(tokens), server.tokenizer)
+        return pieces()
 
     def _chat_request(self) -> dict:
         """The arguments of ``stream_reply`` from the request's JSON body, or a ``ValueError`` saying what is wrong."""
@@ -276,9 +315,13 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, *, max_new_tokens: int | None = None,
-                quiet: bool = False) -> ChatServer:
+                quiet: bool = False, max_batch: int = 8) -> ChatServer:
     """A chat server for ``model``, bound but not started: run its ``serve_forever()`` (in a thread, or as the
     main loop) and ``server_close()`` it after. ``port=0`` takes a free port (``server.server_address``).
+
+    ``max_batch`` > 1 serves up to that many replies at once with lesson 16's continuous batching
+    (``nblib.paged.EngineThread``); 1 serves one reply at a time (lesson 15's way, a lock around
+    ``stream_reply``).
 
     ``max_new_tokens`` is the longest reply, and the most a request may ask for; it must
     leave room for a prompt in the model's context (None: 200, or half the context if that is less).
@@ -290,7 +333,16 @@ def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, *, 
         raise ValueError(f"max_new_tokens={max_new_tokens} must be between 1 and the model's block_size={block} - 1 "
                          f"(about {block // 2} leaves half the context to the conversation)")
     model.eval()
-    return ChatServer((host, port), model, tokenizer, max_new_tokens, quiet)
+    engine_thread = None
+    if max_batch > 1:
+        stops = [t for t in range(model.config.vocab_size) if t >= tokenizer.vocab_size or tokenizer.is_special(t)]
+        engine_thread = paged.EngineThread(model, stops, max_batch=max_batch)
+    try:
+        return ChatServer((host, port), model, tokenizer, max_new_tokens, quiet, engine_thread)
+    except OSError:
+        if engine_thread is not None:
+            engine_thread.close()
+        raise
 
 
 def host_warning(host: str) -> str | None:
@@ -306,6 +358,87 @@ def host_warning(host: str) -> str | None:
             "(there is no password); use --host 127.0.0.1 to keep it to this machine")
 
 
+# ---------------------------------------------------------------------------- a load test
+
+def _chat_once(host: str, port: int, body: dict, leave_early: bool = False) -> tuple[float, int]:
+    """POST one conversation and read the whole reply: (seconds, characters). ``leave_early``: read one
+    piece and hang up, as a closed browser tab does."""
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/chat", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {response.read()[:300]!r}")
+        text = response.read(1) if leave_early else response.read()
+        return time.perf_counter() - t0, len(text.decode("utf-8", errors="replace"))
+    finally:
+        conn.close()
+
+
+def health(host: str, port: int) -> dict:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("GET", "/health")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def load_test(server: ChatServer, clients: int = 4, seconds: float = 10.0, max_new_tokens: int = 32,
+              leave_every: int = 5) -> dict:
+    """``clients`` local clients chat with a running ``server`` for ``seconds`` (each sends its next
+    conversation as soon as a reply ends; every ``leave_every``-th request of a client hangs up after
+    its first piece). Returns replies, tokens/s (counted by the engine), latency p50/p99 of whole
+    replies, the requests left early, and the engine's state once all clients are done."""
+    host, port = server.server_address[:2]
+    before = health(host, port)["tokens_out"]
+    latencies: list[float] = []
+    left = [0]
+    errors: list[str] = []
+    done_at = time.perf_counter() + seconds
+    guard = threading.Lock()
+
+    def client(c: int):
+        for n in itertools.count():
+            if time.perf_counter() >= done_at:
+                return
+            body = {"messages": [{"role": "user", "content": f"Hello! Tell me about the number {c * 100 + n}."}],
+                    "temperature": 0.8, "top_k": 50, "max_new_tokens": max_new_tokens}
+            leave = leave_every > 0 and n % leave_every == leave_every - 1
+            try:
+                took, _ = _chat_once(host, port, body, leave_early=leave)
+            except (OSError, RuntimeError, http.client.HTTPException) as err:
+                with guard:
+                    errors.append(str(err))
+                return
+            with guard:
+                if leave:
+                    left[0] += 1
+                else:
+                    latencies.append(took)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = health(host, port)["tokens_out"] - before
+    after = health(host, port).get("engine") or {}
+    for _ in range(100):  # the engine retires the last requests (and those whose client left) at its next step
+        if not after or (after["running"] == 0 and after["pages_in_use"] == 0):
+            break
+        time.sleep(0.05)
+        after = health(host, port).get("engine") or {}
+    latencies.sort()
+    return {"clients": clients, "seconds": wall, "replies": len(latencies), "left_early": left[0],
+            "errors": errors, "tokens": tokens, "tokens/s": tokens / wall,
+            "p50 s": latencies[len(latencies) // 2] if latencies else float("nan"),
+            "p99 s": latencies[int(0.99 * (len(latencies) - 1))] if latencies else float("nan"), "engine": after}
+
+
 # ---------------------------------------------------------------------------- the command line
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -318,6 +451,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, mps (default cpu)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="longest reply in tokens (default 200, or half the model's context if that is less)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="replies generated at once, by continuous batching (default 8; 1: one at a time)")
     parser.add_argument("--terminal", action="store_true", help="chat in the terminal instead of a browser")
     return parser.parse_args(argv)
 
@@ -340,7 +475,7 @@ def main(argv=None) -> None:
         chat(model, tokenizer, interactive=True, max_new_tokens=max_new, temperature=0.8, top_k=50)
         return
     try:
-        server = make_server(model, tokenizer, args.host, args.port, max_new_tokens=max_new)
+        server = make_server(model, tokenizer, args.host, args.port, max_new_tokens=max_new, max_batch=args.max_batch)
     except (ValueError, OSError) as err:  # e.g. the port is taken
         print(f"cannot serve on {args.host}:{args.port}: {err}", file=sys.stderr)
         raise SystemExit(1)

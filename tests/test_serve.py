@@ -129,8 +129,10 @@ def test_page_has_the_controls_and_no_external_resources(server):
 def test_health_and_unknown_paths(server, model):
     status, _, body = request(server, "GET", "/health")
     assert status == 200
-    assert json.loads(body) == {"ok": True, "model": {"params": sum(p.numel() for p in model.parameters()),
-                                                      "block_size": 64}}
+    health = json.loads(body)
+    assert health["ok"] and health["model"] == {"params": sum(p.numel() for p in model.parameters()),
+                                                "block_size": 64, "batching": "continuous"}
+    assert health["engine"]["max_batch"] == 8 and health["engine"]["running"] == 0
     status, _, body = request(server, "GET", "/nope")
     assert status == 404 and "/nope" in json.loads(body)["error"]
     status, _, body = request(server, "POST", "/", {"messages": HELLO})
@@ -193,20 +195,35 @@ class SlowModel(torch.nn.Module):
         return self.inner(*args, **kwargs)
 
 
-def test_a_client_that_leaves_stops_its_reply_and_frees_the_lock(model):
+def engine_idle(server, timeout=5.0) -> bool:
+    """The engine has no request running and every page back in its pool (within ``timeout`` seconds)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        stats = server.engine.stats()
+        if stats["running"] == 0 and stats["pages_in_use"] == 0:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("max_batch", [1, 8], ids=["one at a time", "continuous batching"])
+def test_a_client_that_leaves_stops_its_reply_and_frees_its_place(model, max_batch):
     max_new = 40
     prompt = serve.prompt_ids(model, TOK, HELLO, max_new)
     assert len(list(serve.reply_tokens(model, TOK, prompt, max_new))) == max_new  # no early end on its own
     slow = SlowModel(model)
-    server = start(serve.make_server(slow, TOK, port=0, max_new_tokens=max_new, quiet=True))
+    server = start(serve.make_server(slow, TOK, port=0, max_new_tokens=max_new, quiet=True, max_batch=max_batch))
     try:
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
         conn.request("POST", "/chat", body=json.dumps({"messages": HELLO, "temperature": 0}))
         resp = conn.getresponse()
         assert resp.status == 200 and resp.read1()
         conn.close()  # in the middle of the reply
-        assert server.lock.acquire(timeout=5)  # the generation stopped and let go of the lock ...
-        server.lock.release()
+        if max_batch == 1:
+            assert server.lock.acquire(timeout=5)  # the generation stopped and let go of the lock ...
+            server.lock.release()
+        else:
+            assert engine_idle(server)  # ... or gave its row and its pages back to the engine ...
         assert slow.calls < max_new  # ... well before the end of the reply
         status, _, body = request(server, "POST", "/chat", {"messages": HELLO, "temperature": 0, "max_new_tokens": 3})
         assert status == 200 and body.decode() == greedy_text(model, max_new_tokens=3)
@@ -252,3 +269,39 @@ def test_make_server_refuses_a_reply_longer_than_the_context(model):
     server = serve.make_server(model, TOK, port=0)   # the default fits: half the context of a small model
     assert server.max_new_tokens == 32
     server.server_close()
+
+
+def test_a_load_test_of_concurrent_clients_loses_nothing(model):
+    """Four clients for two seconds, every third request hanging up after its first piece: every
+    reply completes, nothing fails, and the engine ends with no request and no page held."""
+    server = start(serve.make_server(model, TOK, port=0, max_new_tokens=MAX_NEW, quiet=True, max_batch=4))
+    try:
+        result = serve.load_test(server, clients=4, seconds=2.0, max_new_tokens=MAX_NEW, leave_every=3)
+        assert not result["errors"], result["errors"]
+        assert result["replies"] >= 4 and result["left_early"] >= 1 and result["tokens"] > 0
+        assert result["engine"]["running"] == 0 and result["engine"]["pages_in_use"] == 0
+        assert 0 < result["p50 s"] <= result["p99 s"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_replies_served_together_are_each_the_reply_alone(model):
+    """Greedy replies to different conversations, sent at once, equal stream_reply's one at a time."""
+    server = start(serve.make_server(model, TOK, port=0, max_new_tokens=MAX_NEW, quiet=True, max_batch=4))
+    conversations = [[{"role": "user", "content": f"Question number {i}, please?"}] for i in range(6)]
+    got = [None] * len(conversations)
+
+    def ask(i):
+        got[i] = request(server, "POST", "/chat", {"messages": conversations[i], "temperature": 0})[2].decode()
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(conversations))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [greedy_text(model, c) for c in conversations]
+        assert engine_idle(server)
+    finally:
+        server.shutdown()
+        server.server_close()
