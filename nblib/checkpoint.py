@@ -157,9 +157,19 @@ def checksum(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     return h.hexdigest()
 
 
+# every key save_checkpoint writes (an old file lacks "sha256"; one without an optimizer or RNG lacks those)
+METADATA_KEYS = {"format", "config", "step", "model_class", "aliases", "extra", "optimizer", "rng", "sha256"}
+
+
 def verify(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Raise ``CorruptCheckpointError`` if ``tensors`` and ``meta`` (read from ``path``) do not
     match the checksum saved with them. Files written before checksums existed have none."""
+    unknown = sorted(set(meta) - METADATA_KEYS)
+    if unknown:  # e.g. a bit flipped in the key "sha256" itself, which would otherwise pass as an old file
+        raise CorruptCheckpointError(
+            f"{path} is corrupt: its metadata has keys no course checkpoint writes ({', '.join(map(repr, unknown))}). "
+            "Copy it again from where it came, or, for a training run, move it away and resume from another copy "
+            "or train again; its weights were not loaded")
     if "sha256" in meta and checksum(tensors, meta) != meta["sha256"]:
         raise CorruptCheckpointError(
             f"{path} is corrupt: its contents do not match the sha256 checksum saved in it (a bit changed on "

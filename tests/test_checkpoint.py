@@ -204,3 +204,19 @@ def test_a_checkpoint_without_a_checksum_still_loads(tmp_path):
         meta = {k: v for k, v in f.metadata().items() if k != "sha256"}
     save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=meta)
     assert load_model(tmp_path / "old.safetensors").config == CFG
+
+
+def test_a_flipped_bit_in_the_checksum_key_itself_is_an_error(tmp_path):
+    """Renamed by one bit ("sha256" -> "sha246"), the checksum would vanish and the file pass as one
+    written before checksums existed; a metadata key no checkpoint writes is refused instead."""
+    model, opt = trained_a_little()
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, opt, step=3)
+    good = path.read_bytes()
+    at = good.index(b'"sha256"') + 1
+    for i in range(at, at + len("sha256")):
+        for bit in range(8):
+            bad = bytearray(good)
+            bad[i] ^= 1 << bit
+            path.write_bytes(bytes(bad))
+            with pytest.raises(ValueError):
+                load_checkpoint(path, GPT(CFG), configure_optimizer(GPT(CFG), TrainConfig(lr=1e-2)))
