@@ -25,7 +25,7 @@ from test_checks import learner_functions  # noqa: E402
 LESSONS = [l["file"] for l in course.load_course()["lesson"] if l["status"] == "ready"]
 PLANTED = "01_bigram.ipynb"
 WRONG, LOOPING = "01.smoothing", "01.trigram"
-CELL_TIMEOUT = 45  # for carol and dave: lesson 01's longest FAST cell takes a few seconds, 20 s failed on a busy CI machine
+CELL_TIMEOUT = 20  # for carol and dave: lesson 01's longest FAST cell takes a few seconds
 # An untouched student version runs the whole lesson as alice's does (its exercises come last), so
 # bob hands in three lessons whose runs are short (14 of the course's 58 exercises); for every
 # exercise, test_every_untouched_exercise_is_not_attempted checks what makes his rows "not attempted".
