@@ -16,6 +16,7 @@ import torch
 
 from nblib import engine
 from nblib.hardware import synchronize
+from nblib.llama import kv_cache_bytes_per_token
 
 
 def memory_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5, device="cpu") -> float:
@@ -41,9 +42,9 @@ def weight_bytes(model) -> int:
 
 
 def cache_bytes_per_token(config, bytes_per_value: int = 4) -> int:
-    """A key and a value vector per layer per kv head for one token."""
+    """Lesson 07's ``kv_cache_bytes_per_token`` for a model's config (float32 by default, as the engine's cache)."""
     n_kv = getattr(config, "n_kv_heads", None) or config.n_head
-    return 2 * config.n_layer * n_kv * (config.n_embd // config.n_head) * bytes_per_value
+    return kv_cache_bytes_per_token(config.n_layer, n_kv, config.n_embd // config.n_head, bytes_per_value)
 
 
 def decode_roofline(weight_bytes: int, cache_bytes: int, bandwidth: float, batch: int = 1) -> float:

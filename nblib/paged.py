@@ -106,10 +106,6 @@ class PagedKVCache:
     def pages_in_use(self) -> int:
         return self.n_pages - len(self.free)
 
-    @property
-    def nbytes(self) -> int:
-        return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
-
     def view(self, seqs: Sequence[int], n_new: Sequence[int]) -> "PagedView":
         """What the model needs to run ``n_new[r]`` new tokens of each request ``seqs[r]`` (pages grown)."""
         for seq, n in zip(seqs, n_new):
