@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nblib import checkpoint
+
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)`` for a weight [out, in]: q int8 [out, in], scale float32 [out], w ~ q * scale[:, None]."""
@@ -82,15 +84,8 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    seen: dict[int, str] = {}
-    for k in list(state):  # a tied tensor once: safetensors refuses shared memory
-        ptr = state[k].data_ptr()
-        if ptr in seen:
-            del state[k]
-        else:
-            seen[ptr] = k
-    save_file(state, str(path), metadata={"format": "nblib-int8"})
+    kept, _ = checkpoint._dedupe(model.state_dict())  # a tied tensor once: safetensors refuses shared memory
+    save_file({k: v.contiguous() for k, v in kept.items()}, str(path), metadata={"format": "nblib-int8"})
     return path
 
 
